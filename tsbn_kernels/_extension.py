@@ -1,0 +1,47 @@
+"""Loads the compiled extension ``tsbn_kernels._C`` (TORCH_LIBRARY ops in the ``tsbn`` namespace).
+
+The package imports without it (the eager backend is plain PyTorch); backends built on compiled ops ask
+``has_op`` before registering themselves.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # source checkout without a build: fine for the eager backend
+    _C = None
+    LOAD_ERROR = str(exc)
+
+
+def is_built() -> bool:
+    return _C is not None
+
+
+@functools.cache
+def has_op(name: str) -> bool:
+    if _C is None:
+        return False
+    return hasattr(torch.ops.tsbn, name)
+
+
+@functools.cache
+def has_cuda_kernels() -> bool:
+    """True when the extension was compiled with its CUDA sources (a CUDAExtension build)."""
+    if _C is None:
+        return False
+    try:
+        return bool(torch.ops.tsbn.built_with_cuda())
+    except (AttributeError, RuntimeError) as exc:  # an extension older than this query
+        warnings.warn(f"tsbn_kernels._C cannot report its CUDA build: {exc}", stacklevel=2)
+        return False
+
+
+if _C is not None:
+    @torch.library.register_fake("tsbn::task_counts")
+    def _task_counts_fake(task_ids, num_tasks):
+        return task_ids.new_empty(num_tasks + 2, dtype=torch.long)

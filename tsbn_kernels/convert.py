@@ -1,0 +1,107 @@
+"""Turn an existing (single- or hard-shared multi-task) model into a task-specific-norm model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import modules
+
+_TARGETS: dict[type, type] = {
+    nn.BatchNorm1d: modules.TSBatchNorm1d,
+    nn.BatchNorm2d: modules.TSBatchNorm2d,
+    nn.BatchNorm3d: modules.TSBatchNorm3d,
+    nn.SyncBatchNorm: modules.TSBatchNorm,
+}
+GATE_INITS = ("normal", "copy")
+
+
+def _target_class(bn: nn.Module) -> type | None:
+    for source, target in _TARGETS.items():
+        if isinstance(bn, source):
+            return target
+    return None
+
+
+def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", bias: bool | None = None, *,
+                      gate_init: str = "normal", backend: str = "auto", activation: str | None = None
+                      ) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d and SyncBatchNorm in ``module`` by a task-specific layer.
+
+    Returns the converted module (the module itself, changed in place, unless it is a BatchNorm), the
+    way ``nn.SyncBatchNorm.convert_sync_batchnorm`` does. Every task starts as a copy of the original
+    layer: running statistics and ``num_batches_tracked`` go to every task row, ``eps``, ``momentum``,
+    ``affine``, ``track_running_stats``, device, dtype, training mode and ``requires_grad`` are kept.
+
+    How the original weight γ and bias β initialise each task:
+      - ``gate="none"``: weight_t = γ, bias_t = β. The converted model computes exactly what the original
+        did, task by task (with ``bias=False`` β is dropped, and then it does not).
+      - ``gate="sigmoid"``: the scale is sigmoid(w_t) ∈ (0, 1), so γ cannot always be kept.
+        ``gate_init="normal"`` (default) draws w_t ~ N(0, 1) as the σBN paper does for training from
+        scratch; ``gate_init="copy"`` sets w_t = logit(clamp(γ, 1e-3, 1 − 1e-3)), exact for 0 < γ < 1,
+        for starting from a pretrained backbone. β is copied when the layer has a bias (``bias=True``)
+        and dropped otherwise (σBN has no β by default).
+    SyncBatchNorm becomes the any-rank ``TSBatchNorm``; its process group is kept as ``process_group``.
+    """
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"convert_batchnorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+    target = _target_class(module)
+    if target is not None:
+        return _convert_one(module, target, num_tasks, gate, bias, gate_init, backend, activation)
+    for name, child in module.named_children():
+        converted = convert_batchnorm(child, num_tasks, gate, bias, gate_init=gate_init, backend=backend,
+                                      activation=activation)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
+                 backend: str, activation: str | None) -> nn.Module:
+    reference_tensor = bn.weight if bn.weight is not None else bn.running_mean
+    factory = {} if reference_tensor is None else {"device": reference_tensor.device,
+                                                   "dtype": reference_tensor.dtype}
+    ts = target(bn.num_features, num_tasks, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                track_running_stats=bn.track_running_stats, gate=gate, bias=bias, activation=activation,
+                backend=backend, **factory)
+    with torch.no_grad():
+        if bn.affine:
+            if gate == "none":
+                ts.weight.copy_(bn.weight.expand_as(ts.weight))
+            elif gate_init == "copy":
+                ts.weight.copy_(torch.logit(bn.weight.clamp(1e-3, 1 - 1e-3)).expand_as(ts.weight))
+            if ts.bias is not None:
+                ts.bias.copy_(bn.bias.expand_as(ts.bias))
+            ts.weight.requires_grad_(bn.weight.requires_grad)
+            if ts.bias is not None:
+                ts.bias.requires_grad_(bn.bias.requires_grad)
+        if bn.track_running_stats and bn.running_mean is not None:
+            ts.running_mean.copy_(bn.running_mean.expand_as(ts.running_mean))
+            ts.running_var.copy_(bn.running_var.expand_as(ts.running_var))
+            if bn.num_batches_tracked is not None:
+                ts.num_batches_tracked.fill_(int(bn.num_batches_tracked))
+    if isinstance(bn, nn.SyncBatchNorm):
+        ts.process_group = bn.process_group
+    ts.train(bn.training)
+    return ts
+
+
+def gate_param_groups(model: nn.Module, lr: float, gate_lr_mult: float = 10.0, weight_decay: float = 0.0
+                      ) -> list[dict]:
+    """Optimizer parameter groups: the sigmoid gates at ``lr · gate_lr_mult`` without weight decay, as the σBN
+    reference code trains them; every other trainable parameter at ``lr`` with ``weight_decay``.
+
+    Empty groups are left out, so the result can go straight to any torch.optim optimizer."""
+    gate_ids: set[int] = set()
+    gates = []
+    for m in model.modules():
+        if isinstance(m, (modules._TSBatchNorm, modules.TSLayerNorm)) and m.gate == "sigmoid" \
+                and m.weight is not None and m.weight.requires_grad and id(m.weight) not in gate_ids:
+            gate_ids.add(id(m.weight))
+            gates.append(m.weight)
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    groups = []
+    if others:
+        groups.append({"params": others, "lr": lr, "weight_decay": weight_decay, "name": "shared"})
+    if gates:
+        groups.append({"params": gates, "lr": lr * gate_lr_mult, "weight_decay": 0.0, "name": "gates"})
+    return groups

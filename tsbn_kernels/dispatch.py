@@ -1,0 +1,117 @@
+"""Backend registry: which implementation runs an op on a given device.
+
+A backend is a name ("eager", "cpu", "cuda", "triton") with, per op, a function taking the *validated*
+arguments of that op (see ``tsbn_kernels.functional``). Kernel modules register themselves when
+imported; they are imported lazily, on the first dispatch, so ``import tsbn_kernels`` stays cheap and a
+missing optional dependency (triton, the compiled extension) only removes that backend.
+
+Contract of a ``ts_batch_norm`` implementation (kwargs as in ``reference.ts_batch_norm``):
+    impl(x, weight, bias, running_mean, running_var, *, task_ids, num_tasks, training, momentum, eps,
+         gate, activation) -> y
+  - task_ids is None (task-major blocks) or a validated int64 tensor; momentum is a float or a float32
+    tensor [T] of per-task factors; running statistics are updated in place for the tasks present.
+  - y has x's dtype, shape and memory format; gradients flow to x, weight and bias.
+Contract of a ``ts_layer_norm`` implementation:
+    impl(x, weight, bias, *, task_ids, num_tasks, eps, gate) -> y
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference
+
+OPS = ("ts_batch_norm", "ts_layer_norm")
+
+# Modules that register fused backends on import. A module that fails to import leaves its backend out
+# and its error in ``unavailable_reasons()``.
+_KERNEL_MODULES: tuple[str, ...] = ()
+
+# "auto" tries these in order; the first that is available for the device and op wins.
+AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}
+
+
+@dataclass
+class Backend:
+    name: str
+    device_types: frozenset[str]
+    ops: dict[str, Callable] = field(default_factory=dict)
+
+
+_registry: dict[str, Backend] = {}
+_import_errors: dict[str, str] = {}
+_loaded = False
+
+
+def register(name: str, op: str, impl: Callable, device_types: tuple[str, ...]) -> None:
+    """Make ``impl`` the ``op`` of backend ``name`` on the given device types ("cpu", "cuda")."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    backend = _registry.setdefault(name, Backend(name, frozenset(device_types)))
+    backend.device_types = backend.device_types | frozenset(device_types)
+    backend.ops[op] = impl
+
+
+def _load_kernel_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _KERNEL_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            _import_errors[module] = f"{type(exc).__name__}: {exc}"
+
+
+def unavailable_reasons() -> dict[str, str]:
+    _load_kernel_modules()
+    return dict(_import_errors)
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    if device is None:
+        return "cpu"
+    return torch.device(device).type
+
+
+def _runs_on(backend: Backend, device_type: str) -> bool:
+    if device_type in backend.device_types:
+        return True
+    # Triton kernels run on CPU tensors under the interpreter; used by the test suite.
+    return backend.name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: torch.device | str | None = None, op: str = "ts_batch_norm") -> list[str]:
+    """Backends that can run ``op`` on ``device`` (default: the CPU), eager first."""
+    _load_kernel_modules()
+    device_type = _device_type(device)
+    names = [b.name for b in _registry.values() if op in b.ops and _runs_on(b, device_type)]
+    return sorted(names, key=lambda n: (n != "eager", n))
+
+
+def resolve(backend: str, device: torch.device, op: str) -> tuple[str, Callable]:
+    """The (name, implementation) that runs ``op`` on ``device`` for the requested backend."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    available = available_backends(device, op)
+    if backend == "auto":
+        override = os.environ.get("TSBN_BACKEND", "auto") or "auto"
+        if override != "auto" and override not in _registry and override not in AUTO_ORDER.get(device.type, ()):
+            raise ValueError(f"TSBN_BACKEND={override!r} names no backend; known: {sorted(_registry)}")
+        # The override picks the backend wherever it can run the op; elsewhere "auto" applies.
+        order = (override,) if override in available else AUTO_ORDER.get(device.type, ("eager",))
+        backend = next((name for name in order if name in available), "eager")
+    if backend not in available:
+        hint = "".join(f"\n  {m}: {err}" for m, err in _import_errors.items())
+        raise ValueError(f"backend {backend!r} cannot run {op} on {device.type}; available there: {available}"
+                         + (f"\nkernel modules that failed to import:{hint}" if hint else ""))
+    return backend, _registry[backend].ops[op]
+
+
+register("eager", "ts_batch_norm", reference.ts_batch_norm, ("cpu", "cuda", "xpu", "mps", "meta"))
+register("eager", "ts_layer_norm", reference.ts_layer_norm, ("cpu", "cuda", "xpu", "mps", "meta"))

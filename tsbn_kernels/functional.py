@@ -1,0 +1,77 @@
+"""The public functional ops: validate once, then hand the call to the chosen backend."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import dispatch, validation
+
+
+def ts_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    task_ids: Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    gate: str = "sigmoid",
+    activation: str | None = None,
+    backend: str = "auto",
+    num_tasks: int | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """Task-specific (sigmoid) batch norm of ``x`` [N, C, *spatial] with per-task ``weight``/``bias`` [T, C].
+
+    Each task's samples are normalised with that task's statistics (training) or running statistics
+    (eval), scaled by ``sigmoid(weight[t])`` (``gate="sigmoid"``) or ``weight[t]`` (``gate="none"``), shifted
+    by ``bias[t]`` and optionally passed through ``activation="relu"``. Samples belong to tasks in task-major
+    blocks of N / T rows (the replicated batch) unless ``task_ids`` [N] names each sample's task.
+
+    Running statistics [T, C] are updated in place in training, like ``F.batch_norm``; ``momentum=None``
+    gives the cumulative average and needs ``num_batches_tracked`` [T] (int64), which is advanced for every
+    task present in the batch whatever the momentum. ``num_tasks`` is needed only when no per-task tensor
+    is given (affine=False and no running statistics).
+    """
+    layout = validation.check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_tasks,
+                                         num_batches_tracked, training, momentum, eps, gate, activation)
+    factor: float | Tensor = 0.0 if momentum is None else float(momentum)
+    if training and running_mean is not None and num_batches_tracked is not None:
+        with torch.no_grad():
+            if layout.counts is None:
+                num_batches_tracked.add_(1)
+            else:
+                present = torch.tensor([c > 0 for c in layout.counts], device=x.device)
+                num_batches_tracked.add_(present.long())
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float32)
+    _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm")
+    return impl(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
+                num_tasks=layout.num_tasks, training=training, momentum=factor, eps=float(eps), gate=gate,
+                activation=activation)
+
+
+def ts_layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None = None,
+    *,
+    task_ids: Tensor | None = None,
+    eps: float = 1e-5,
+    gate: str = "sigmoid",
+    backend: str = "auto",
+    num_tasks: int | None = None,
+) -> Tensor:
+    """Task-specific (sigmoid) layer norm: ``F.layer_norm`` over the trailing ``weight.shape[1:]`` dims, then
+    the task's gate ``sigmoid(weight[t])`` (or ``weight[t]`` for ``gate="none"``) and ``bias[t]``.
+
+    ``x`` is [B, ..., *normalized_shape]; sample b belongs to task ``task_ids[b]``, or to task-major blocks
+    of B / T samples when ``task_ids`` is None.
+    """
+    layout = validation.check_layer_norm(x, weight, bias, task_ids, num_tasks, eps, gate)
+    _, impl = dispatch.resolve(backend, x.device, "ts_layer_norm")
+    return impl(x, weight, bias, task_ids=layout.task_ids, num_tasks=layout.num_tasks, eps=float(eps),
+                gate=gate)

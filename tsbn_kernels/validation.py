@@ -1,0 +1,187 @@
+"""Input checks shared by every backend.
+
+Every public op validates here before dispatching, so a bad call raises the same ValueError or TypeError,
+naming the problem, whichever backend would have run it: never a segfault, a device-side assert or a
+silently wrong result. Checks that need the values of ``task_ids`` (range, per-task counts) cost one
+host synchronisation; the replicated-batch layout (``task_ids=None``) needs none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+GATES = ("sigmoid", "none")
+ACTIVATIONS = (None, "relu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """How the batch is split into tasks after validation.
+
+    task_ids: None for task-major blocks, else an int64 tensor on x's device with values in [0, T).
+    counts: samples per task as a host tuple when it was needed (per-sample ids), else None.
+    """
+
+    num_tasks: int
+    task_ids: Tensor | None
+    counts: tuple[int, ...] | None
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_input_tensor(x: object, min_dim: int, max_dim: int, op: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not min_dim <= x.dim() <= max_dim:
+        raise ValueError(f"{op}: expected a {min_dim}D to {max_dim}D input, got {x.dim()}D input of shape "
+                         f"{tuple(x.shape)}")
+    if x.is_complex() or x.is_sparse:
+        raise TypeError(f"{op}: sparse and complex inputs are not supported")
+    return x
+
+
+def check_param(name: str, t: object, expected_shape: tuple[int, ...], x: Tensor, op: str) -> None:
+    """A per-task parameter or buffer: right type, shape, device, and dtype float32 or x's dtype."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != len(expected_shape) or tuple(t.shape) != tuple(expected_shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected_shape)} ([num_tasks, ...]), got "
+                         f"{tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; all tensors must be "
+                         "on one device")
+    if t.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but the input has dtype {x.dtype}; parameters and "
+                        "statistics must be float32 or the input's dtype")
+
+
+def infer_num_tasks(op: str, num_tasks: int | None, *tensors: Tensor | None) -> int:
+    for t in tensors:
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            if num_tasks is not None and t.shape[0] != num_tasks:
+                raise ValueError(f"{op}: num_tasks={num_tasks} but a per-task tensor has leading dimension "
+                                 f"{t.shape[0]} (shape {tuple(t.shape)})")
+            num_tasks = t.shape[0]
+    if num_tasks is None:
+        raise ValueError(f"{op}: cannot tell the number of tasks: pass weight, bias or running statistics of "
+                         "shape [num_tasks, ...], or num_tasks=")
+    if not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"{op}: num_tasks must be a positive int, got {num_tasks!r}")
+    return num_tasks
+
+
+def task_counts(task_ids: Tensor, num_tasks: int) -> Tensor:
+    """[T + 2] int64: samples below 0, then per task, then at or above num_tasks, in one pass.
+
+    Uses the compiled op where the extension is built (one kernel on CUDA, no device assert on bad ids).
+    """
+    from . import _extension
+
+    if _extension.has_op("task_counts"):
+        return torch.ops.tsbn.task_counts(task_ids, num_tasks)
+    return torch.bincount(task_ids.long().clamp(-1, num_tasks) + 1, minlength=num_tasks + 2)
+
+
+def check_task_layout(x: Tensor, task_ids: object, num_tasks: int, op: str, *,
+                      per_sample_dim: int = 0) -> TaskLayout:
+    batch = x.shape[per_sample_dim]
+    if task_ids is None:
+        if batch % num_tasks != 0:
+            raise ValueError(f"{op}: batch size {batch} is not divisible by num_tasks={num_tasks}; the "
+                             "replicated batch needs equal task-major blocks, or pass per-sample task_ids")
+        return TaskLayout(num_tasks, None, None)
+    if not isinstance(task_ids, Tensor):
+        raise TypeError(f"{op}: task_ids must be a torch.Tensor of integers or None, got "
+                        f"{type(task_ids).__name__}")
+    if task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{op}: task_ids must have an integer dtype (int64 preferred), got {task_ids.dtype}")
+    if task_ids.dim() != 1 or task_ids.shape[0] != batch:
+        raise ValueError(f"{op}: task_ids must have shape ({batch},), one task per sample, got "
+                         f"{tuple(task_ids.shape)}")
+    if task_ids.device != x.device:
+        raise ValueError(f"{op}: task_ids is on {task_ids.device} but the input is on {x.device}")
+    counts = task_counts(task_ids, num_tasks).tolist()  # the one host sync of this path
+    if counts[0] or counts[-1]:
+        lo, hi = torch.aminmax(task_ids)
+        raise ValueError(f"{op}: task_ids must lie in [0, {num_tasks}), got values in [{int(lo)}, {int(hi)}]")
+    return TaskLayout(num_tasks, task_ids.long(), tuple(counts[1:-1]))
+
+
+def check_scalars(op: str, eps: object, gate: object, momentum: object = 0.1,
+                  activation: object = None) -> None:
+    if gate not in GATES:
+        raise ValueError(f"{op}: gate must be one of {GATES}, got {gate!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{op}: momentum must be a float in [0, 1] or None (cumulative average), got "
+                         f"{momentum!r}")
+
+
+def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_tasks, num_batches_tracked,
+                     training, momentum, eps, gate, activation, op: str = "ts_batch_norm") -> TaskLayout:
+    check_input_tensor(x, 2, 5, op)
+    check_scalars(op, eps, gate, momentum, activation)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: training=False needs running_mean and running_var (eval mode normalises with "
+                         "the running statistics)")
+    num_tasks = infer_num_tasks(op, num_tasks, weight, bias, running_mean, running_var)
+    shape = (num_tasks, x.shape[1])
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_param(name, t, shape, x, op)
+    if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.shape != (num_tasks,) \
+                or num_batches_tracked.dtype != torch.int64 or num_batches_tracked.device != x.device:
+            raise ValueError(f"{op}: num_batches_tracked must be an int64 tensor of shape ({num_tasks},) on "
+                             f"{x.device}")
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked")
+    layout = check_task_layout(x, task_ids, num_tasks, op)
+    if training:
+        spatial = x[0, 0].numel() if x.shape[0] and x.shape[1] else 0
+        per_task = layout.counts if layout.counts is not None else (x.shape[0] // num_tasks,) * num_tasks
+        for t, n in enumerate(per_task):
+            if n * spatial == 1:
+                raise ValueError(f"{op}: expected more than 1 value per channel when training, got input size "
+                                 f"{tuple(x.shape)} with {n} sample(s) of task {t}")
+        if x.numel() == 0:
+            raise ValueError(f"{op}: cannot normalise an empty input of shape {tuple(x.shape)} when training")
+    return layout
+
+
+def check_layer_norm(x, weight, bias, task_ids, num_tasks, eps, gate, op: str = "ts_layer_norm") -> TaskLayout:
+    check_input_tensor(x, 2, 8, op)
+    check_scalars(op, eps, gate)
+    num_tasks = infer_num_tasks(op, num_tasks, weight, bias)
+    params = weight if weight is not None else bias
+    if params is None:
+        raise ValueError(f"{op}: needs weight or bias of shape [num_tasks, *normalized_shape]; without either "
+                         "it is a plain F.layer_norm")
+    if not isinstance(params, Tensor):
+        raise TypeError(f"{op}: weight and bias must be torch.Tensors or None")
+    normalized_shape = tuple(params.shape[1:])
+    if len(normalized_shape) == 0 or len(normalized_shape) >= x.dim() or \
+            tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"{op}: weight/bias of shape {tuple(params.shape)} ([num_tasks, "
+                         f"*normalized_shape]) do not match the trailing dimensions of the input "
+                         f"{tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        check_param(name, t, (num_tasks,) + normalized_shape, x, op)
+    return check_task_layout(x, task_ids, num_tasks, op)
