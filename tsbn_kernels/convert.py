@@ -33,8 +33,8 @@ def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     ``affine``, ``track_running_stats``, device, dtype, training mode and ``requires_grad`` are kept.
 
     How the original weight γ and bias β initialise each task:
-      - ``gate="none"``: weight_t = γ, bias_t = β. The converted model computes exactly what the original
-        did, task by task (with ``bias=False`` β is dropped, and then it does not).
+      - ``gate="none"``: weight_t = γ, bias_t = β. The converted model computes the same function as the
+        original, task by task, up to float rounding (with ``bias=False`` β is dropped, and then it does not).
       - ``gate="sigmoid"``: the scale is sigmoid(w_t) ∈ (0, 1), so γ cannot always be kept.
         ``gate_init="normal"`` (default) draws w_t ~ N(0, 1) as the σBN paper does for training from
         scratch; ``gate_init="copy"`` sets w_t = logit(clamp(γ, 1e-3, 1 − 1e-3)), exact for 0 < γ < 1,

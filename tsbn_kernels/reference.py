@@ -95,9 +95,9 @@ def ts_batch_norm(
 
     invstd = torch.rsqrt(var + eps)
     scale = invstd
-    a = gate_values(weight, gate)
+    a = gate_values(None if weight is None else weight.to(acc), gate)
     if a is not None:
-        scale = scale * a.to(acc)
+        scale = scale * a
     y = centered * _per_sample(scale, ids, x.dim())
     if bias is not None:
         y = y + _per_sample(bias.to(acc), ids, x.dim())
@@ -152,9 +152,9 @@ def ts_layer_norm(
     ids = task_index(task_ids, x.shape[0], num_tasks, x.device)
     # [B, 1, ..., 1, *normalized_shape]: the task's row broadcast over the token dimensions.
     expand = (x.shape[0],) + (1,) * (x.dim() - 1 - norm_ndim) + tuple(x.shape[x.dim() - norm_ndim:])
-    a = gate_values(weight, gate)
+    a = gate_values(None if weight is None else weight.to(acc), gate)
     if a is not None:
-        y = y * a.to(acc).index_select(0, ids).reshape(expand)
+        y = y * a.index_select(0, ids).reshape(expand)
     if bias is not None:
         y = y + bias.to(acc).index_select(0, ids).reshape(expand)
     return y.to(x.dtype)

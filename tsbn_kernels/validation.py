@@ -66,17 +66,19 @@ def check_param(name: str, t: object, expected_shape: tuple[int, ...], x: Tensor
                         "statistics must be float32 or the input's dtype")
 
 
-def infer_num_tasks(op: str, num_tasks: int | None, *tensors: Tensor | None) -> int:
-    for t in tensors:
+def infer_num_tasks(op: str, num_tasks: int | None, named: dict[str, object]) -> int:
+    """T from the leading dimension of the per-task tensors, which must agree with each other."""
+    source = "num_tasks" if num_tasks is not None else None
+    for name, t in named.items():
         if isinstance(t, Tensor) and t.dim() >= 1:
             if num_tasks is not None and t.shape[0] != num_tasks:
-                raise ValueError(f"{op}: num_tasks={num_tasks} but a per-task tensor has leading dimension "
-                                 f"{t.shape[0]} (shape {tuple(t.shape)})")
-            num_tasks = t.shape[0]
+                raise ValueError(f"{op}: {name} has leading (task) dimension {t.shape[0]}, shape {tuple(t.shape)}, "
+                                 f"but {source} says num_tasks={num_tasks}")
+            num_tasks, source = t.shape[0], name
     if num_tasks is None:
         raise ValueError(f"{op}: cannot tell the number of tasks: pass weight, bias or running statistics of "
                          "shape [num_tasks, ...], or num_tasks=")
-    if not isinstance(num_tasks, int) or num_tasks < 1:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"{op}: num_tasks must be a positive int, got {num_tasks!r}")
     return num_tasks
 
@@ -141,10 +143,14 @@ def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_t
     if not training and running_mean is None:
         raise ValueError(f"{op}: training=False needs running_mean and running_var (eval mode normalises with "
                          "the running statistics)")
-    num_tasks = infer_num_tasks(op, num_tasks, weight, bias, running_mean, running_var)
+    named = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for name, t in named.items():
+        if isinstance(t, Tensor) and t.dim() != 2:
+            raise ValueError(f"{op}: {name} must have shape [num_tasks, num_channels] (2-D), got shape "
+                             f"{tuple(t.shape)}")
+    num_tasks = infer_num_tasks(op, num_tasks, named)
     shape = (num_tasks, x.shape[1])
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in named.items():
         check_param(name, t, shape, x, op)
     if num_batches_tracked is not None:
         if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.shape != (num_tasks,) \
@@ -169,11 +175,11 @@ def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_t
 def check_layer_norm(x, weight, bias, task_ids, num_tasks, eps, gate, op: str = "ts_layer_norm") -> TaskLayout:
     check_input_tensor(x, 2, 8, op)
     check_scalars(op, eps, gate)
-    num_tasks = infer_num_tasks(op, num_tasks, weight, bias)
     params = weight if weight is not None else bias
     if params is None:
         raise ValueError(f"{op}: needs weight or bias of shape [num_tasks, *normalized_shape]; without either "
                          "it is a plain F.layer_norm")
+    num_tasks = infer_num_tasks(op, num_tasks, {"weight": weight, "bias": bias})
     if not isinstance(params, Tensor):
         raise TypeError(f"{op}: weight and bias must be torch.Tensors or None")
     normalized_shape = tuple(params.shape[1:])

@@ -1,0 +1,57 @@
+"""The compiled extension: build flags, the task_counts op on every layout, opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tsbn_kernels import _extension, validation
+
+pytestmark = pytest.mark.skipif(not _extension.is_built(), reason=f"extension not built: {_extension.LOAD_ERROR}")
+
+
+def test_extension_reports_its_build():
+    assert _extension.has_op("task_counts")
+    assert _extension.has_cuda_kernels() == torch.ops.tsbn.built_with_cuda()
+    if torch.version.cuda is None:
+        assert not _extension.has_cuda_kernels()
+
+
+@given(ids=st.lists(st.integers(-3, 9), min_size=0, max_size=300), num_tasks=st.integers(1, 7),
+       dtype=st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]))
+def test_task_counts_matches_bincount(ids, num_tasks, dtype):
+    if dtype == torch.uint8:
+        ids = [abs(i) for i in ids]
+    t = torch.tensor(ids, dtype=dtype)
+    got = torch.ops.tsbn.task_counts(t, num_tasks)
+    below = sum(i < 0 for i in ids)
+    above = sum(i >= num_tasks for i in ids)
+    per_task = [sum(i == k for i in ids) for k in range(num_tasks)]
+    assert got.tolist() == [below, *per_task, above]
+
+
+def test_task_counts_large_input_is_split_and_exact():
+    ids = torch.randint(-1, 5, (300_000,), generator=torch.Generator().manual_seed(0))
+    got = torch.ops.tsbn.task_counts(ids, 4)
+    want = torch.bincount(ids.clamp(-1, 4) + 1, minlength=6)
+    assert torch.equal(got, want)
+
+
+def test_task_counts_errors_are_python_exceptions():
+    with pytest.raises(ValueError, match="1-D"):
+        torch.ops.tsbn.task_counts(torch.zeros(2, 2, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="num_tasks must be >= 1"):
+        torch.ops.tsbn.task_counts(torch.zeros(2, dtype=torch.long), 0)
+    with pytest.raises(TypeError, match="integer tensor"):
+        torch.ops.tsbn.task_counts(torch.zeros(2), 3)
+
+
+def test_validation_uses_the_op_and_agrees_with_fallback():
+    ids = torch.tensor([0, 2, 2, 5, -1])
+    fallback = torch.bincount(ids.clamp(-1, 3) + 1, minlength=5)
+    assert torch.equal(validation.task_counts(ids, 3), fallback)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.tsbn.task_counts.default, (torch.tensor([0, 1, 1, 3]), 3))
