@@ -55,3 +55,18 @@ def test_validation_uses_the_op_and_agrees_with_fallback():
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.tsbn.task_counts.default, (torch.tensor([0, 1, 1, 3]), 3))
+
+
+def test_cmake_library_loads_with_load_library():
+    """The CMake build (built by `make test-cpp`) is loadable from Python without the pip-built module."""
+    import os
+    import subprocess
+    import sys
+
+    lib = os.environ.get("TSBN_CMAKE_LIB")
+    if not lib:
+        pytest.skip("TSBN_CMAKE_LIB not set (make test sets it after building CMakeLists.txt)")
+    code = ("import torch; torch.ops.load_library(%r); "
+            "print(torch.ops.tsbn.task_counts(torch.tensor([0, 1, 1, 4]), 2).tolist())" % lib)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0, 1, 2, 1]"
