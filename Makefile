@@ -13,8 +13,9 @@ TEST_DEPS := numpy scipy matplotlib tqdm pillow pytest pytest-benchmark hypothes
 	setuptools wheel
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 # Triton kernels run on the CPU through Triton's interpreter when no GPU is visible.
-NO_GPU := $(shell $(PYTHON) -c "import torch,sys; sys.exit(torch.cuda.is_available())" 2>/dev/null && echo 1)
-PYTEST_ENV := $(if $(filter 1,$(NO_GPU)),TRITON_INTERPRET=1,) PYTHONHASHSEED=0
+# Deferred (=): evaluated when a test recipe runs, after the venv exists.
+NO_GPU = $(shell $(PY) -c "import torch,sys; sys.exit(torch.cuda.is_available())" 2>/dev/null && echo 1)
+PYTEST_ENV = $(if $(filter 1,$(NO_GPU)),TRITON_INTERPRET=1,) PYTHONHASHSEED=0
 
 .PHONY: demo test test-python test-cpp bench bench-smoke clean venv build
 
