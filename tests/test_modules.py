@@ -1,6 +1,8 @@
 """TS norm modules: nn.BatchNorm-compatible construction, state, modes, dispatch and the task_ids context."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,19 @@ def test_available_backends_lists_eager_first():
     names = tk.available_backends("cpu")
     assert names[0] == "eager"
     assert tk.available_backends(torch.device("cpu"), "ts_layer_norm")[0] == "eager"
+
+
+def test_torch_compile_fullgraph_replicated_batch():
+    """The task-major layout needs no host sync, so a converted model compiles without graph breaks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), tk.TSBatchNorm2d(4, 3, momentum=None, activation="relu"),
+                          nn.Flatten(), nn.Linear(4 * 16, 5), tk.TSBatchNorm1d(5, 3, gate="none"))
+    twin = copy.deepcopy(model)
+    x = make_input((6, 3, 6, 6), offset=1.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), twin(x))
+    torch.testing.assert_close(model[1].running_var, twin[1].running_var)
+    assert model[1].num_batches_tracked.tolist() == [1, 1, 1]
+    ln = tk.TSLayerNorm(8, 3)
+    tokens = make_input((6, 2, 8), offset=1.0)
+    torch.testing.assert_close(torch.compile(ln, fullgraph=True, backend="aot_eager")(tokens), ln(tokens))
