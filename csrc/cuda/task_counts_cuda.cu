@@ -1,7 +1,9 @@
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include "cuda_utils.cuh"
 
 namespace tsbn {
 namespace {
@@ -37,9 +39,9 @@ at::Tensor task_counts_cuda(const at::Tensor& task_ids, int64_t num_tasks) {
   const int64_t n = ids.numel();
   if (n == 0) return out;
   const int threads = 256;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count(task_ids.device().index());
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4LL * sms));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INTEGRAL_TYPES(ids.scalar_type(), "task_counts_cuda", [&] {
     task_counts_kernel<scalar_t><<<blocks, threads, shared, stream>>>(
         ids.const_data_ptr<scalar_t>(), n, num_tasks,
