@@ -70,3 +70,49 @@ def test_cmake_library_loads_with_load_library():
             "print(torch.ops.tsbn.task_counts(torch.tensor([0, 1, 1, 4]), 2).tolist())" % lib)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[0, 1, 2, 1]"
+
+
+def _bn_args(training=True, channels_last=False, ids=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(3, 3, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64) + 0.5
+    return (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), rm, rv, ids, 3, training, 1e-5,
+            True, True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("ids", [None, torch.tensor([2, 0, 0, 2, 2, 0])])
+def test_opcheck_batch_norm_ops(training, channels_last, ids):
+    args = _bn_args(training, channels_last, ids)
+    torch.library.opcheck(torch.ops.tsbn.ts_bn_forward.default, args)
+    y, mean, invstd, var, count = torch.ops.tsbn.ts_bn_forward(*args)
+    grad = torch.randn_like(y)
+    x, w, b = (t.detach() for t in args[:3])
+    torch.library.opcheck(torch.ops.tsbn.ts_bn_backward.default,
+                          (grad, x, w, b, mean, invstd, ids, 3, training, True, True))
+    torch.library.opcheck(torch.ops.tsbn.ts_bn_update_running_stats.default,
+                          (args[3].clone(), args[4].clone(), mean, var, count, 0.1, None))
+
+
+def test_direct_op_calls_reject_bad_input():
+    x = torch.randn(6, 3, 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        torch.ops.tsbn.ts_bn_forward(x, None, None, None, None, None, 4, True, 1e-5, True, False)
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 3\)"):
+        torch.ops.tsbn.ts_bn_forward(x, None, None, None, None, torch.tensor([0, 1, 2, 3, 0, 1]), 3, True, 1e-5,
+                                     True, False)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        torch.ops.tsbn.ts_bn_forward(x, torch.randn(3, 4), None, None, None, None, 3, True, 1e-5, True, False)
+    with pytest.raises(ValueError, match="eval needs running_mean"):
+        torch.ops.tsbn.ts_bn_forward(x, None, None, None, None, None, 3, False, 1e-5, True, False)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.ops.tsbn.ts_bn_forward(torch.randn(3, 2), None, None, None, None, None, 3, True, 1e-5, True, False)
+    with pytest.raises(ValueError, match="2D to 5D"):
+        torch.ops.tsbn.ts_bn_forward(torch.randn(6), None, None, None, None, None, 3, True, 1e-5, True, False)
+    with pytest.raises(ValueError, match="grad_y has shape"):
+        torch.ops.tsbn.ts_bn_backward(torch.randn(6, 3), x, None, None, torch.zeros(3, 3), torch.ones(3, 3), None, 3,
+                                      True, True, False)

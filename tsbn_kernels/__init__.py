@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _extension, reference  # _extension: loads the compiled ops, if built
 from ._version import __version__
 from .context import task_ids
 from .convert import convert_batchnorm, gate_param_groups

@@ -45,3 +45,8 @@ if _C is not None:
     @torch.library.register_fake("tsbn::task_counts")
     def _task_counts_fake(task_ids, num_tasks):
         return task_ids.new_empty(num_tasks + 2, dtype=torch.long)
+
+    # Complete the compiled ops (fake impls, autograd) as soon as they exist, so that torch.ops.tsbn.* works
+    # under torch.compile and opcheck even when called directly rather than through tsbn_kernels' API.
+    if has_op("ts_bn_forward"):
+        from .kernels import cpp_ts_batch_norm  # noqa: F401,E402

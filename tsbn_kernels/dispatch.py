@@ -9,7 +9,7 @@ Contract of a ``ts_batch_norm`` implementation (kwargs as in ``reference.ts_batc
     impl(x, weight, bias, running_mean, running_var, *, task_ids, num_tasks, training, momentum, eps,
          gate, activation) -> y
   - task_ids is None (task-major blocks) or a validated int64 tensor; momentum is a float or a float32
-    tensor [T] of per-task factors; running statistics are updated in place for the tasks present.
+    tensor [T] (float64) of per-task factors; running statistics are updated in place for the tasks present.
   - y has x's dtype, shape and memory format; gradients flow to x, weight and bias.
 Contract of a ``ts_layer_norm`` implementation:
     impl(x, weight, bias, *, task_ids, num_tasks, eps, gate) -> y
@@ -29,7 +29,7 @@ OPS = ("ts_batch_norm", "ts_layer_norm")
 
 # Modules that register fused backends on import. A module that fails to import leaves its backend out
 # and its error in ``unavailable_reasons()``.
-_KERNEL_MODULES: tuple[str, ...] = ()
+_KERNEL_MODULES: tuple[str, ...] = ("tsbn_kernels.kernels.cpp_ts_batch_norm",)
 
 # "auto" tries these in order; the first that is available for the device and op wins.
 AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}

@@ -47,7 +47,7 @@ def ts_batch_norm(
                 present = torch.tensor([c > 0 for c in layout.counts], device=x.device)
                 num_batches_tracked.add_(present.long())
         if momentum is None:
-            factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float32)
+            factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
     _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm")
     return impl(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
                 num_tasks=layout.num_tasks, training=training, momentum=factor, eps=float(eps), gate=gate,

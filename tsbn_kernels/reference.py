@@ -8,7 +8,7 @@ Inputs are assumed valid here; ``tsbn_kernels.validation`` checks them before an
 
 Task layout: ``task_ids=None`` means the replicated batch (task-major blocks of N / T rows, DESIGN.md §1);
 otherwise ``task_ids`` is an int64 tensor with one task index per sample (ragged and empty tasks allowed).
-``momentum`` is a float, or a float32 tensor of shape [T] holding one running-average factor per task
+``momentum`` is a float, or a float64 tensor of shape [T] holding one running-average factor per task
 (the cumulative average of ``momentum=None`` is passed that way by ``tsbn_kernels.functional``).
 """
 from __future__ import annotations

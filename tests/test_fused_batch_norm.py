@@ -1,0 +1,235 @@
+"""Every fused ts_batch_norm backend against the float64 reference: every mode, layout, dtype and task layout.
+
+Backends are the ones available on this machine (cpu; triton under TRITON_INTERPRET=1; cuda on a GPU), so
+the same tests cover each kernel wherever it can run. Expected values come from the reference evaluated in
+float64 on the very input the kernel saw (rounded to its dtype), so tolerances measure the kernel alone.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tsbn_kernels as tk
+from conftest import make_input, make_params
+from tsbn_kernels import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = [b for b in tk.available_backends(DEVICE) if b != "eager"]
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend built")
+
+# Output tolerance per input dtype: the kernel's fp32 accumulation against the float64 truth, plus the
+# rounding of y itself to the dtype.
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def run(backend, x, weight, bias, stats, *, task_ids=None, training=True, momentum=0.1, gate="sigmoid",
+        activation=None, eps=1e-5, grad_seed=7):
+    """Forward and backward; returns y, dx, dweight, dbias and the updated running statistics."""
+    x = x.detach().clone().requires_grad_(True)
+    weight = None if weight is None else weight.detach().clone().requires_grad_(True)
+    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+    rm, rv = (None, None) if stats[0] is None else (stats[0].clone(), stats[1].clone())
+    num_tasks = next(t.shape[0] for t in (weight, bias, rm) if t is not None)
+    if backend == "reference64":
+        to64 = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa
+        x64, w64, b64 = to64(x), to64(weight), to64(bias)
+        rm64, rv64 = (None, None) if rm is None else (rm.double(), rv.double())
+        y = reference.ts_batch_norm(x64, w64, b64, rm64, rv64, task_ids=task_ids, num_tasks=num_tasks,
+                                    training=training, momentum=momentum, eps=eps, gate=gate,
+                                    activation=activation)
+        grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+        grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], grad_y.to(x.dtype).double())
+        return (y, *_pad(grads, w64, b64), rm64, rv64)
+    y = tk.ts_batch_norm(x, weight, bias, rm, rv, task_ids=task_ids, training=training, momentum=momentum,
+                         eps=eps, gate=gate, activation=activation, backend=backend, num_tasks=num_tasks)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    grads = torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None], grad_y.to(x.dtype))
+    return (y, *_pad(grads, weight, bias), rm, rv)
+
+
+def _pad(grads, weight, bias):
+    grads = list(grads)
+    dx = grads.pop(0)
+    dw = grads.pop(0) if weight is not None else None
+    db = grads.pop(0) if bias is not None else None
+    return dx, dw, db
+
+
+def assert_matches(got, want, dtype, x):
+    tol = TOL[dtype]
+    names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        scale = max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+
+
+def layout_of(t):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return "contiguous" if t.is_contiguous() else "other"
+
+
+SHAPES = [(6, 5), (6, 3, 7), (6, 4, 5, 3), (6, 3, 2, 3, 4), (9, 17, 3, 5)]
+
+
+LAYOUTS = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in SHAPES if len(shape) >= 4]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape,channels_last", LAYOUTS, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_modes_float64(backend, shape, channels_last, training):
+    g = torch.Generator().manual_seed(hash((shape, channels_last, training)) % 2**31)
+    x = make_input(shape, torch.float64, channels_last=channels_last, offset=2.0, generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(3, shape[1], torch.float64, generator=g, device=DEVICE)
+    for gate, activation, use_bias in (("sigmoid", None, False), ("sigmoid", "relu", True), ("none", "relu", True)):
+        b = bias if use_bias else None
+        got = run(backend, x, weight, b, (rm, rv), training=training, gate=gate, activation=activation)
+        want = run("reference64", x, weight, b, (rm, rv), training=training, gate=gate, activation=activation)
+        assert_matches(got, want, torch.float64, x)
+        assert layout_of(got[0]) == layout_of(x) and layout_of(got[1]) == layout_of(x)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_against_float64(backend, dtype, channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = make_input((8, 6, 5, 7), dtype, channels_last=channels_last, offset=3.0, generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(4, 6, torch.float32, generator=g, device=DEVICE)
+    got = run(backend, x, weight, bias, (rm, rv), activation="relu")
+    want = run("reference64", x, weight, bias, (rm, rv), activation="relu")
+    assert_matches(got, want, dtype, x)
+    assert got[2].dtype == torch.float32 and got[4].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_params_in_input_dtype(backend):
+    g = torch.Generator().manual_seed(4)
+    x = make_input((6, 5, 4, 4), torch.bfloat16, offset=1.0, generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(3, 5, torch.bfloat16, generator=g, device=DEVICE)
+    got = run(backend, x, weight, bias, (rm, rv))
+    want = run("reference64", x, weight, bias, (rm, rv))
+    assert got[2].dtype == torch.bfloat16 and got[4].dtype == torch.bfloat16
+    assert_matches(got, want, torch.bfloat16, x)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_small_std(backend, channels_last):
+    """|mean| = 1e4·std in fp32: any E[x²] − E[x]² formulation would lose the variance entirely."""
+    g = torch.Generator().manual_seed(5)
+    x = make_input((6, 4, 9, 11), torch.float32, channels_last=channels_last, offset=1e4, generator=g,
+                   device=DEVICE)
+    weight, bias, rm, rv = make_params(3, 4, generator=g, device=DEVICE)
+    got = run(backend, x, weight, bias, (rm, rv))
+    want = run("reference64", x, weight, bias, (rm, rv))
+    for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_ragged_and_empty_tasks(backend):
+    g = torch.Generator().manual_seed(6)
+    task_ids = torch.tensor([3, 0, 3, 3, 0, 4, 3, 0, 4], device=DEVICE)  # tasks 1 and 2 absent
+    x = make_input((9, 5, 3, 4), torch.float64, offset=1.0, generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(5, 5, torch.float64, generator=g, device=DEVICE)
+    got = run(backend, x, weight, bias, (rm, rv), task_ids=task_ids, activation="relu")
+    want = run("reference64", x, weight, bias, (rm, rv), task_ids=task_ids, activation="relu")
+    assert_matches(got, want, torch.float64, x)
+    assert torch.all(got[2][[1, 2]] == 0) and torch.all(got[3][[1, 2]] == 0)
+    assert torch.equal(got[4][[1, 2]], rm[[1, 2]]) and torch.equal(got[5][[1, 2]], rv[[1, 2]])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_cumulative_momentum_and_no_affine(backend):
+    g = torch.Generator().manual_seed(8)
+    x = make_input((6, 3, 8), torch.float64, generator=g, device=DEVICE)
+    _, _, rm, rv = make_params(3, 3, torch.float64, generator=g, device=DEVICE)
+    tracked = torch.tensor([0, 1, 2], device=DEVICE)
+    got_rm, got_rv = rm.clone(), rv.clone()
+    y = tk.ts_batch_norm(x, None, None, got_rm, got_rv, momentum=None, num_batches_tracked=tracked,
+                         backend=backend)
+    assert tracked.tolist() == [1, 2, 3]
+    factor = torch.tensor([1.0, 1 / 2, 1 / 3], dtype=torch.float64, device=DEVICE)
+    want = run("reference64", x, None, None, (rm, rv), momentum=factor)
+    assert_matches((y, None, None, None, got_rm, got_rv), (want[0], None, None, None, *want[4:]), torch.float64, x)
+
+
+@given(num_tasks=st.integers(1, 4), per_task=st.lists(st.integers(0, 3), min_size=4, max_size=4),
+       channels=st.integers(1, 9), spatial=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+       gate=st.sampled_from(["sigmoid", "none"]), use_bias=st.booleans(),
+       activation=st.sampled_from([None, "relu"]), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_against_reference(num_tasks, per_task, channels, spatial, gate, use_bias, activation,
+                                    channels_last, seed):
+    per_task = per_task[:num_tasks]
+    spatial_size = 1
+    for s in spatial:
+        spatial_size *= s
+    if sum(per_task) == 0 or any(n * spatial_size == 1 for n in per_task):
+        per_task = [n + 2 for n in per_task]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.full((n,), t) for t, n in enumerate(per_task)])
+    ids = ids[torch.randperm(ids.numel(), generator=g)].to(DEVICE)
+    shape = (ids.numel(), channels, *spatial)
+    x = make_input(shape, torch.float64, channels_last=channels_last and len(shape) == 4, offset=5.0,
+                   generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(num_tasks, channels, torch.float64, bias=use_bias, generator=g,
+                                       device=DEVICE)
+    want = run("reference64", x, weight, bias, (rm, rv), task_ids=ids, gate=gate, activation=activation)
+    for backend in FUSED:
+        got = run(backend, x, weight, bias, (rm, rv), task_ids=ids, gate=gate, activation=activation)
+        assert_matches(got, want, torch.float64, x)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_deterministic(backend):
+    g = torch.Generator().manual_seed(9)
+    x = make_input((12, 7, 13, 11), torch.float32, channels_last=True, offset=2.0, generator=g, device=DEVICE)
+    weight, bias, rm, rv = make_params(3, 7, generator=g, device=DEVICE)
+    first = run(backend, x, weight, bias, (rm, rv), activation="relu")
+    second = run(backend, x, weight, bias, (rm, rv), activation="relu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradcheck(backend):
+    g = torch.Generator().manual_seed(10)
+    x = make_input((4, 3, 2, 3), torch.float64, generator=g, device=DEVICE).requires_grad_(True)
+    weight, bias, _, _ = make_params(2, 3, torch.float64, generator=g, device=DEVICE)
+    ids = torch.tensor([1, 0, 1, 1], device=DEVICE)
+
+    def fn(x, w, b):
+        return tk.ts_batch_norm(x, w, b, task_ids=ids, activation="relu", backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight.requires_grad_(True), bias.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_under_torch_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    bn = tk.TSBatchNorm2d(4, 3, activation="relu", backend=backend).to(DEVICE)
+    twin = tk.TSBatchNorm2d(4, 3, activation="relu", backend="eager").to(DEVICE)
+    twin.load_state_dict(bn.state_dict())
+    x = make_input((6, 4, 5, 5), offset=1.0, device=DEVICE).requires_grad_(True)
+    compiled = torch.compile(bn, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    grad_fused = x.grad.clone()
+    x.grad = None
+    want = twin(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_fused, x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, twin.running_var)
+    assert bn.num_batches_tracked.tolist() == [1, 1, 1]
