@@ -59,10 +59,11 @@ test-python: build
 	$(PYTEST_ENV) TSBN_CMAKE_LIB=$(CURDIR)/build/cmake/libtsbn_ops.so $(PY) -m pytest tests -q
 
 bench-smoke: build
-	$(PYTEST_ENV) TSBN_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q --benchmark-disable-gc --benchmark-min-rounds=1
+	$(PYTEST_ENV) TSBN_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q -p no:randomly --benchmark-columns=median,rounds
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results.json
+	$(PY) -m benchmarks.report benchmarks/results.json --out benchmarks/results.md --plot benchmarks/results.png
 
 clean:
 	rm -rf build build-cmake.log *.egg-info tsbn_kernels/_C*.so $(VENV)/.build-stamp

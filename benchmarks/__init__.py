@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: `pytest benchmarks/ --benchmark-only`; `python -m benchmarks.report RESULTS.json`."""

@@ -1,0 +1,119 @@
+"""Turn a pytest-benchmark JSON into the tables of benchmarks/RESULTS.md and a plot.
+
+    python -m benchmarks.report RESULTS.json [--out TABLE.md] [--plot SPEEDUP.png]
+
+Per group: every contender's median time, achieved GB/s under the ideal byte model, its fraction of the copy
+bandwidth measured in the same run, and the speed ratio against each baseline present in the group
+(ratio > 1: faster than that baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections import defaultdict
+
+BASELINES = ("eager", "loop_F.batch_norm", "plain_batch_norm", "compiled_reference", "layer_norm_then_gate",
+             "libmtl_loop", "per_task_loop", "ordinary_backward")
+
+
+def load(path: str | pathlib.Path) -> dict:
+    return json.loads(pathlib.Path(path).read_text())
+
+
+def rows_by_group(data: dict) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        groups[bench["group"]].append({
+            "contender": info.get("contender", bench["name"]),
+            "median": bench["stats"]["median"],
+            "gbps": info.get("gbps"),
+            "copy_fraction": info.get("copy_fraction"),
+        })
+    return dict(groups)
+
+
+def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """contender -> {baseline: baseline_time / contender_time} for the baselines present in the group."""
+    by_name = {r["contender"]: r["median"] for r in rows}
+    present = [b for b in BASELINES if b in by_name]
+    return {r["contender"]: {b: by_name[b] / r["median"] for b in present if b != r["contender"]} for r in rows}
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def markdown(data: dict) -> str:
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
+             f"commit {commit.get('id', '?')[:10]}; {data.get('datetime', '?')}", ""]
+    groups = rows_by_group(data)
+    for group in sorted(groups):
+        rows = sorted(groups[group], key=lambda r: r["median"])
+        ratios = speedups(rows)
+        baselines = [b for b in BASELINES if any(b in ratios[r["contender"]] for r in rows)]
+        copy_gbps = next((b["extra_info"].get("copy_gbps") for b in data["benchmarks"] if b["group"] == group), None)
+        lines.append(f"### {group}" + (f" (copy bandwidth {copy_gbps:.1f} GB/s)" if copy_gbps else ""))
+        lines.append("")
+        header = ["contender", "median ms", "GB/s", "% copy BW"] + [f"vs {b}" for b in baselines]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for r in rows:
+            cells = [r["contender"], f"{r['median'] * 1e3:.3f}", _fmt(r["gbps"], "{:.1f}"),
+                     _fmt(None if r["copy_fraction"] is None else 100 * r["copy_fraction"], "{:.0f}%")]
+            cells += [_fmt(ratios[r["contender"]].get(b), "{:.2f}x") for b in baselines]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: str | pathlib.Path) -> None:
+    """Speed-up of every contender against the eager reference, one bar group per benchmark group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = rows_by_group(data)
+    labels, values, names = [], [], []
+    for group in sorted(groups):
+        ratios = speedups(groups[group])
+        for contender, against in sorted(ratios.items()):
+            if "eager" in against:
+                labels.append(f"{group} · {contender}")
+                values.append(against["eager"])
+                names.append(contender)
+    fig, ax = plt.subplots(figsize=(10, max(2.0, 0.22 * len(labels) + 1)))
+    ax.barh(range(len(labels)), values, color=["tab:orange" if "loop" in n or "plain" in n else "tab:blue"
+                                                for n in names])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel("speed-up over the eager reference (higher is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", help="write the markdown here instead of stdout")
+    parser.add_argument("--plot", help="write a PNG of the speed-ups over eager")
+    args = parser.parse_args(argv)
+    data = load(args.results)
+    text = markdown(data)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    else:
+        print(text)
+    if args.plot:
+        plot(data, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""benchmarks.report on a hand-made pytest-benchmark JSON: ratios, bandwidth columns, plot."""
+from __future__ import annotations
+
+import json
+
+from benchmarks import report
+
+
+def fake_results():
+    def bench(group, contender, median, gbps=None):
+        return {"group": group, "name": f"test[{contender}]", "stats": {"median": median},
+                "extra_info": {"contender": contender, "gbps": gbps, "copy_gbps": 20.0,
+                               "copy_fraction": None if gbps is None else gbps / 20.0}}
+    return {"machine_info": {"cpu": {"brand_raw": "test cpu"}}, "commit_info": {"id": "abcdef1234567"},
+            "datetime": "2026-11-22", "benchmarks": [
+                bench("g1", "cpu", 0.010, 10.0), bench("g1", "eager", 0.030, 3.3),
+                bench("g1", "plain_batch_norm", 0.012, 8.3), bench("g1", "loop_F.batch_norm", 0.020, 5.0),
+                bench("g2", "eager", 0.002)]}
+
+
+def test_speedups_against_each_baseline():
+    rows = report.rows_by_group(fake_results())["g1"]
+    ratios = report.speedups(rows)
+    assert abs(ratios["cpu"]["eager"] - 3.0) < 1e-12
+    assert abs(ratios["cpu"]["plain_batch_norm"] - 1.2) < 1e-12
+    assert abs(ratios["cpu"]["loop_F.batch_norm"] - 2.0) < 1e-12
+    assert "eager" not in ratios["eager"]
+
+
+def test_markdown_table(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(fake_results()))
+    out = tmp_path / "t.md"
+    png = tmp_path / "p.png"
+    assert report.main([str(path), "--out", str(out), "--plot", str(png)]) == 0
+    text = out.read_text()
+    assert "### g1 (copy bandwidth 20.0 GB/s)" in text
+    assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
+    assert "abcdef1234" in text
+    assert png.stat().st_size > 1000
