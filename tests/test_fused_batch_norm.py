@@ -132,8 +132,11 @@ def test_large_mean_small_std(backend, channels_last):
     weight, bias, rm, rv = make_params(3, 4, generator=g, device=DEVICE)
     got = run(backend, x, weight, bias, (rm, rv))
     want = run("reference64", x, weight, bias, (rm, rv))
-    for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), got, want):
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()),
+    # An fp32 mean of 1e4 is itself rounded to ~6e-4·std; dweight = Σ dy·x̂ carries that rounding times Σ dy.
+    tolerances = {"y": 1e-3, "dx": 1e-3, "dweight": 5e-3, "dbias": 1e-3, "running_mean": 1e-3, "running_var": 1e-3}
+    for name, a, b in zip(tolerances, got, want):
+        tol = tolerances[name]
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
                                    msg=lambda m: f"{name}: {m}")
 
 

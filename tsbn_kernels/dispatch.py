@@ -29,7 +29,10 @@ OPS = ("ts_batch_norm", "ts_layer_norm")
 
 # Modules that register fused backends on import. A module that fails to import leaves its backend out
 # and its error in ``unavailable_reasons()``.
-_KERNEL_MODULES: tuple[str, ...] = ("tsbn_kernels.kernels.cpp_ts_batch_norm",)
+_KERNEL_MODULES: tuple[str, ...] = (
+    "tsbn_kernels.kernels.cpp_ts_batch_norm",
+    "tsbn_kernels.kernels.triton_ts_batch_norm",
+)
 
 # "auto" tries these in order; the first that is available for the device and op wins.
 AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}
