@@ -32,6 +32,7 @@ OPS = ("ts_batch_norm", "ts_layer_norm")
 _KERNEL_MODULES: tuple[str, ...] = (
     "tsbn_kernels.kernels.cpp_ts_batch_norm",
     "tsbn_kernels.kernels.triton_ts_batch_norm",
+    "tsbn_kernels.kernels.triton_ts_layer_norm",
 )
 
 # "auto" tries these in order; the first that is available for the device and op wins.

@@ -283,8 +283,8 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
     y = torch.empty_like(x)
     if x.numel():
         _apply_kernel[(n * chunks, triton.cdiv(c, block_c))](
-            x, y, ids, mean, invstd, weight if weight is not None else _null(x),
-            bias if bias is not None else _null(x), c, s, sn, sc, ss, chunks,
+            x, y, ids, mean, invstd, weight.contiguous() if weight is not None else _null(x),
+            bias.contiguous() if bias is not None else _null(x), c, s, sn, sc, ss, chunks,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
             BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl)
     return y, mean, invstd, var, count
@@ -312,8 +312,8 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
     tiles = n * chunks
-    w_arg = weight if weight is not None else _null(x)
-    b_arg = bias if bias is not None else _null(x)
+    w_arg = weight.contiguous() if weight is not None else _null(x)
+    b_arg = bias.contiguous() if bias is not None else _null(x)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
                  ACC=acc_tl)
     part_s1 = x.new_empty((tiles, c), dtype=acc)
