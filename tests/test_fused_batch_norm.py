@@ -208,8 +208,8 @@ def test_deterministic(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_gradcheck(backend):
     g = torch.Generator().manual_seed(10)
-    x = make_input((4, 3, 2, 3), torch.float64, generator=g, device=DEVICE).requires_grad_(True)
-    weight, bias, _, _ = make_params(2, 3, torch.float64, generator=g, device=DEVICE)
+    x = make_input((4, 2, 3), torch.float64, generator=g, device=DEVICE).requires_grad_(True)
+    weight, bias, _, _ = make_params(2, 2, torch.float64, generator=g, device=DEVICE)
     ids = torch.tensor([1, 0, 1, 1], device=DEVICE)
 
     def fn(x, w, b):
