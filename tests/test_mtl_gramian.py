@@ -1,0 +1,78 @@
+"""Gramian and combination against float64 matmul, on every backend available here, and their bad inputs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tsbn_kernels import mtl
+
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rows(T, P, dtype=torch.float32, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, P, generator=g, dtype=torch.float64) + offset).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-5),
+                                       (torch.float16, 1e-5)])
+@pytest.mark.parametrize("T,P", [(1, 7), (3, 1000), (5, 777), (17, 300)])
+def test_gramian_and_combine(backend, dtype, tol, T, P):
+    G = rows(T, P, dtype, seed=T * P)
+    G64 = G.double()
+    M = mtl.gramian(G, backend=backend)
+    assert M.shape == (T, T) and M.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = G64 @ G64.T
+    torch.testing.assert_close(M.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    w = torch.randn(T, generator=torch.Generator().manual_seed(1), dtype=M.dtype).to(DEVICE)
+    d = mtl.combine(G, w, backend=backend)
+    assert d.shape == (P,) and d.dtype == dtype
+    want_d = w.double() @ G64
+    out_tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(d.double(), want_d, rtol=out_tol, atol=out_tol * want_d.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_and_non_contiguous(backend):
+    big = rows(4, 3000, torch.float32, seed=3, offset=5.0)
+    G = big[:, ::2]
+    assert torch.equal(mtl.gramian(G, backend=backend), mtl.gramian(G, backend=backend))
+    torch.testing.assert_close(mtl.gramian(G, backend=backend).double(), G.double() @ G.double().T, rtol=1e-5,
+                               atol=1e-2)
+
+
+def test_blocks_equal_concatenation():
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, 4, 5, generator=g), torch.randn(3, 7, generator=g), torch.randn(3, 2, 2, 2, generator=g)]
+    flat = torch.cat([b.reshape(3, -1) for b in blocks], dim=1)
+    torch.testing.assert_close(mtl.gramian_blocks(blocks), mtl.gramian(flat))
+    w = torch.tensor([0.5, -1.0, 2.0])
+    parts = mtl.combine_blocks(blocks, w)
+    assert [p.shape for p in parts] == [b.shape[1:] for b in blocks]
+    torch.testing.assert_close(torch.cat([p.flatten() for p in parts]), mtl.combine(flat, w))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"2-D \[T, P\]"):
+        mtl.gramian(torch.randn(3))
+    with pytest.raises(ValueError, match="P = 0"):
+        mtl.gramian(torch.randn(3, 0))
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        mtl.gramian(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"w must have shape \(3,\)"):
+        mtl.combine(torch.randn(3, 5), torch.ones(2))
+    with pytest.raises(ValueError, match="backend must be"):
+        mtl.gramian(torch.randn(2, 3), backend="cuda")
+    with pytest.raises(ValueError, match="unknown aggregation method 'pcgard'"):
+        mtl.aggregate(torch.randn(2, 3), "pcgard")
+    G = torch.randn(3, 10)
+    G[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"task\(s\) \[1\] contain NaN or Inf"):
+        mtl.aggregate(G, "pcgrad")
+    G[1, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"task\(s\) \[1\]"):
+        mtl.aggregate(G, "mean")

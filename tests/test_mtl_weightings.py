@@ -1,0 +1,183 @@
+"""Each weighting against a brute-force eager implementation: literal PCGrad, scipy in float64 for the
+optimisation-based methods, defining properties for the closed forms; on random and adversarial rows."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize
+
+from tsbn_kernels import mtl
+from tsbn_kernels.mtl import weightings
+
+
+def random_rows(T, P=64, seed=0):
+    return torch.randn(T, P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def adversarial(kind, T=4, P=32, seed=0):
+    G = random_rows(T, P, seed)
+    if kind == "conflicting":
+        G[1] = -0.7 * G[0] + 0.05 * G[1]
+    elif kind == "parallel":
+        G[1] = 2.5 * G[0]
+    elif kind == "zero_row":
+        G[2] = 0
+    elif kind == "skewed":
+        G[0] *= 1e3
+    return G
+
+
+CASES = [("random3", random_rows(3)), ("random5", random_rows(5, seed=1)), ("T1", random_rows(1)),
+         ("T40", random_rows(40, P=200, seed=2))] + [
+    (k, adversarial(k)) for k in ("conflicting", "parallel", "zero_row", "skewed")]
+IDS = [c[0] for c in CASES]
+
+
+def literal_pcgrad(G, orders):
+    out = torch.zeros_like(G[0])
+    for i in range(G.shape[0]):
+        g = G[i].clone()
+        for j in orders[i].tolist():
+            dot = g @ G[j]
+            if dot < 0 and G[j] @ G[j] > 0:
+                g = g - dot / (G[j] @ G[j]) * G[j]
+        out += g
+    return out
+
+
+@pytest.mark.parametrize("name,G", CASES, ids=IDS)
+def test_pcgrad_equals_literal_projection(name, G):
+    T = G.shape[0]
+    generator = torch.Generator().manual_seed(7)
+    w = weightings.pcgrad(G @ G.T, generator=torch.Generator().manual_seed(7))
+    orders = torch.argsort(torch.rand(T, T, generator=generator), dim=1)
+    want = literal_pcgrad(G, orders)
+    torch.testing.assert_close(w @ G, want, rtol=1e-9, atol=1e-9 * want.abs().max().item() + 1e-12)
+
+
+def simplex_minimize(fun, T):
+    cons = ({"type": "eq", "fun": lambda x: x.sum() - 1},)
+    best = None
+    for start in [np.full(T, 1.0 / T)] + [np.eye(T)[i] for i in range(min(T, 3))]:
+        res = optimize.minimize(fun, start, method="SLSQP", bounds=[(0, 1)] * T, constraints=cons,
+                                options={"ftol": 1e-14, "maxiter": 1000})
+        if best is None or res.fun < best.fun:
+            best = res
+    return best.x, best.fun
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] != "T40"], ids=[i for i in IDS if i != "T40"])
+def test_mgda_is_the_min_norm_point(name, G):
+    M = (G @ G.T).numpy()
+    _, best = simplex_minimize(lambda x: x @ M @ x, M.shape[0])
+    w = weightings.mgda(torch.from_numpy(M))
+    assert abs(w.sum().item() - 1) < 1e-9 and (w >= -1e-12).all()
+    got = (w.numpy() @ M @ w.numpy())
+    assert got <= best + 1e-6 * max(1.0, np.trace(M)), (got, best)
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] != "T40"], ids=[i for i in IDS if i != "T40"])
+def test_cagrad_matches_scipy(name, G):
+    c = 0.5
+    M = (G @ G.T).numpy()
+    T = M.shape[0]
+    b = np.full(T, 1.0 / T)
+    radius = c * np.sqrt(M.mean() + 1e-8) + 1e-8
+    x, best = simplex_minimize(lambda x: x @ M @ b + radius * np.sqrt(x @ M @ x + 1e-8), T)
+    w = weightings.cagrad(torch.from_numpy(M), c=c).numpy()
+    xw = (w * (1 + c * c) - b)                      # λ·x of the official formula
+    lam = radius / (np.sqrt(max(x @ M @ x, 0)) + 1e-8)
+    want = (b + lam * x) / (1 + c * c)
+    got_obj = lambda v: v @ M @ b + radius * np.sqrt(v @ M @ v + 1e-8)  # noqa: E731
+    x_got = xw / max(xw.sum(), 1e-30)
+    assert got_obj(x_got) <= best + 1e-5 * max(1.0, abs(best))
+    d_got, d_want = w @ G.numpy(), want @ G.numpy()
+    assert np.linalg.norm(d_got - d_want) <= 2e-3 * max(np.linalg.norm(d_want), 1e-9) + 1e-6
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] not in ("parallel", "zero_row")],
+                         ids=[i for i in IDS if i not in ("parallel", "zero_row")])
+def test_imtl_g_equal_projections(name, G):
+    w = weightings.imtl_g(G @ G.T)
+    d = w @ G
+    units = G / G.norm(dim=1, keepdim=True)
+    projections = units @ d
+    torch.testing.assert_close(projections, projections[0].expand_as(projections), rtol=1e-6, atol=1e-8)
+    assert abs(w.sum().item() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] not in ("zero_row",)],
+                         ids=[i for i in IDS if i != "zero_row"])
+def test_nash_mtl_solves_the_bargaining_equation(name, G):
+    M = G @ G.T
+    alpha = weightings.nash_mtl(M)
+    assert (alpha > 0).all()
+    if name == "parallel":     # M is singular: the solution is the limit; the objective must still be minimal
+        phi = lambda a: 0.5 * a @ M.numpy() @ a - np.log(a).sum()  # noqa: E731
+        res = optimize.minimize(phi, np.ones(M.shape[0]), bounds=[(1e-9, None)] * M.shape[0], method="L-BFGS-B")
+        assert phi(alpha.numpy()) <= res.fun + 1e-6
+        return
+    residual = M @ alpha - 1 / alpha
+    assert residual.abs().max().item() < 1e-8 * (1 / alpha).abs().max().item() + 1e-10
+
+
+def box_qp(M, lower):
+    res = optimize.minimize(lambda v: v @ M @ v, lower.copy(), jac=lambda v: 2 * M @ v, method="L-BFGS-B",
+                            bounds=[(lo, None) for lo in lower], options={"ftol": 1e-15, "gtol": 1e-12,
+                                                                           "maxiter": 5000})
+    return res.x
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] != "T40"], ids=[i for i in IDS if i != "T40"])
+def test_upgrad_and_dualproj_match_scipy(name, G):
+    M = (G @ G.T).numpy()
+    M = M / np.trace(M)
+    T = M.shape[0]
+    want_up = np.mean([box_qp(M, np.eye(T)[i]) for i in range(T)], axis=0)
+    want_dp = box_qp(M, np.full(T, 1.0 / T))
+    Mt = torch.from_numpy(M)
+    got_up = weightings.upgrad(Mt).numpy()
+    got_dp = weightings.dualproj(Mt).numpy()
+    # Compare the aggregated directions (the weights themselves are not unique when M is singular).
+    Gn = G.numpy()
+    for got, want in ((got_up, want_up), (got_dp, want_dp)):
+        assert np.linalg.norm((got - want) @ Gn) <= 1e-4 * max(np.linalg.norm(want @ Gn), 1e-9) + 1e-7
+    # The defining property: the result is in the dual cone, i.e. it conflicts with no task.
+    assert (Gn @ (got_up @ Gn) >= -1e-6 * np.abs(Gn).max() ** 2).all()
+
+
+@pytest.mark.parametrize("name,G", [c for c in CASES if c[0] not in ("parallel", "zero_row")],
+                         ids=[i for i in IDS if i not in ("parallel", "zero_row")])
+def test_aligned_mtl_balances_the_spectrum(name, G):
+    M = G @ G.T
+    w = weightings.aligned_mtl(M)
+    lam, V = np.linalg.eigh(M.numpy())
+    B = np.sqrt(lam.min()) * (V / np.sqrt(lam)) @ V.T
+    np.testing.assert_allclose(w.numpy(), B @ np.full(len(lam), 1.0 / len(lam)), rtol=1e-6, atol=1e-9)
+    aligned = torch.from_numpy(B) @ G                # rows have Gramian λ_min·I: condition number 1
+    gram = (aligned @ aligned.T).numpy()
+    np.testing.assert_allclose(gram, lam.min() * np.eye(len(lam)), atol=1e-6 * lam.max())
+
+
+@pytest.mark.parametrize("method", mtl.METHODS)
+@pytest.mark.parametrize("name,G", CASES, ids=IDS)
+def test_every_method_finite_and_on_device(method, name, G):
+    out, w = mtl.aggregate(G.float(), method, return_weights=True)
+    assert torch.isfinite(out).all() and torch.isfinite(w).all() and w.shape == (G.shape[0],)
+    if method in ("pcgrad", "mgda", "upgrad", "dualproj"):
+        # These never point against the average of the tasks they were given.
+        assert (out.double() @ G.mean(0)) >= -1e-5 * G.norm() ** 2 / G.shape[0]
+
+
+def test_weightings_run_without_host_sync_under_cuda_graph_style_trace():
+    """No data-dependent Python branching: every weighting traces to a single fx graph."""
+    M = (lambda G: G @ G.T)(random_rows(4).float())
+    short = {"mgda": 3, "cagrad": 3, "nash_mtl": 3, "upgrad": 3, "dualproj": 3}  # same code, shorter trace
+    for method in mtl.METHODS:
+        kwargs = {"iterations": short[method]} if method in short else {}
+        fn = functools.partial(weightings.WEIGHTINGS[method], **kwargs)
+        compiled = torch.compile(fn, fullgraph=True, backend="eager")
+        assert torch.isfinite(compiled(M)).all(), method

@@ -1,0 +1,128 @@
+"""The two passes over the per-task gradients G [T, P]: the Gramian G·Gᵀ and the combination wᵀ·G.
+
+Both accumulate in float32 (float64 for float64 input) and are deterministic: the Gramian is a fixed-order
+sum of per-chunk partial Gramians, whatever the thread or SM count. Backends: "torch" (per-chunk BLAS on the
+CPU, cuBLAS on CUDA), "triton" (one pass split along P filling the GPU; on CPU tensors under
+TRITON_INTERPRET=1), "auto" (triton on CUDA when importable, else torch).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# Columns per partial Gramian on the torch path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
+CHUNK = 1 << 16
+
+
+def _check_matrix(G: object, name: str = "G") -> Tensor:
+    if not isinstance(G, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [T, P], got {type(G).__name__}")
+    if G.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [T, P] (one row of gradients per task), got shape {tuple(G.shape)}")
+    if G.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {G.dtype}")
+    if G.shape[0] < 1:
+        raise ValueError(f"{name} needs at least one task row, got shape {tuple(G.shape)}")
+    if G.shape[1] < 1:
+        raise ValueError(f"{name} has no parameters (P = 0): nothing to aggregate")
+    return G
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "torch"
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' needs triton (and a GPU, or TRITON_INTERPRET=1 for CPU tensors)")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        from . import triton_gramian  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
+    """G·Gᵀ of the per-task gradients G [T, P]: [T, T], float32 (float64 for float64 G)."""
+    G = _check_matrix(G)
+    if _resolve(backend, G.device) == "triton":
+        from .triton_gramian import triton_gramian
+
+        return triton_gramian(G)
+    return _torch_gramian(G)
+
+
+def _torch_gramian(G: Tensor) -> Tensor:
+    acc = _acc(G.dtype)
+    out = torch.zeros(G.shape[0], G.shape[0], dtype=acc, device=G.device)
+    for start in range(0, G.shape[1], CHUNK):
+        block = G[:, start:start + CHUNK].to(acc)
+        out += block @ block.T
+    return out
+
+
+def combine(G: Tensor, w: Tensor, *, backend: str = "auto") -> Tensor:
+    """wᵀ·G: the aggregated gradient [P] (G's dtype), accumulated in float32."""
+    G = _check_matrix(G)
+    w = _check_weights(w, G)
+    if _resolve(backend, G.device) == "triton":
+        from .triton_gramian import triton_combine
+
+        return triton_combine(G, w)
+    acc = _acc(G.dtype)
+    if G.dtype == acc:
+        return w.to(acc) @ G
+    out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
+    for start in range(0, G.shape[1], CHUNK):
+        out[start:start + CHUNK] = (w.to(acc) @ G[:, start:start + CHUNK].to(acc)).to(G.dtype)
+    return out
+
+
+def _check_weights(w: object, G: Tensor) -> Tensor:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"w must be a torch.Tensor of {G.shape[0]} task weights, got {type(w).__name__}")
+    if w.shape != (G.shape[0],):
+        raise ValueError(f"w must have shape ({G.shape[0]},), one weight per task row of G, got {tuple(w.shape)}")
+    if w.device != G.device:
+        raise ValueError(f"w is on {w.device} but G is on {G.device}")
+    return w
+
+
+def gramian_blocks(blocks: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
+    """The Gramian of the concatenation of per-parameter gradient blocks, each [T, *shape], without
+    concatenating them: the sum of the blocks' Gramians, in block order."""
+    if not blocks:
+        raise ValueError("gramian_blocks needs at least one gradient block")
+    flat = [b.reshape(b.shape[0], -1) for b in blocks]
+    num_tasks = flat[0].shape[0]
+    if any(f.shape[0] != num_tasks for f in flat):
+        raise ValueError(f"every block needs the same leading task dimension, got {[f.shape[0] for f in flat]}")
+    total = None
+    for f in flat:
+        if f.shape[1] == 0:
+            continue
+        part = gramian(f, backend=backend)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("the gradient blocks hold no parameters (P = 0)")
+    return total
+
+
+def combine_blocks(blocks: Sequence[Tensor], w: Tensor, *, backend: str = "auto") -> list[Tensor]:
+    """wᵀ·G for each block [T, *shape]: the aggregated gradient of each parameter, shaped like it."""
+    return [combine(b.reshape(b.shape[0], -1), w, backend=backend).reshape(b.shape[1:]) for b in blocks]
