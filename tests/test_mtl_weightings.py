@@ -179,5 +179,6 @@ def test_weightings_run_without_host_sync_under_cuda_graph_style_trace():
     for method in mtl.METHODS:
         kwargs = {"iterations": short[method]} if method in short else {}
         fn = functools.partial(weightings.WEIGHTINGS[method], **kwargs)
+        torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, backend="eager")
         assert torch.isfinite(compiled(M)).all(), method
