@@ -54,9 +54,9 @@ def rounds_for(bytes_moved: int) -> tuple[int, int]:
 
 @pytest.fixture
 def measure(copy_bandwidth):
-    def run(benchmark, fn, *, bytes_moved: int, group: str, **info):
+    def run(benchmark, fn, *, bytes_moved: int, group: str, rounds: tuple[int, int] | None = None, **info):
         benchmark.group = group
-        rounds, warmup = rounds_for(bytes_moved)
+        rounds, warmup = rounds or rounds_for(bytes_moved)
 
         def target():
             fn()

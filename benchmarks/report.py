@@ -14,7 +14,7 @@ import pathlib
 from collections import defaultdict
 
 BASELINES = ("eager", "loop_F.batch_norm", "plain_batch_norm", "compiled_reference", "layer_norm_then_gate",
-             "libmtl_loop", "per_task_loop", "ordinary_backward")
+             "libmtl_loop", "unchunked_matmul")
 
 
 def load(path: str | pathlib.Path) -> dict:

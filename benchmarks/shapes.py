@@ -51,3 +51,12 @@ def batch_norm_cases(device: str) -> list[NormCase]:
 
 def layer_norm_cases(device: str) -> list[NormCase]:
     return SMOKE_LAYER_NORM_CASES if SMOKE else LAYER_NORM_CASES
+
+
+# Per-task gradient matrices G [T, P] for aggregation: NYUv2/Cityscapes-like T=3 and CelebA T=40 at 1e7 params.
+AGGREGATION_CASES: list[tuple[int, int]] = [(3, 10_000_000), (40, 10_000_000)]
+SMOKE_AGGREGATION_CASES: list[tuple[int, int]] = [(3, 20_000), (5, 3_000)]
+
+
+def aggregation_cases() -> list[tuple[int, int]]:
+    return SMOKE_AGGREGATION_CASES if SMOKE else AGGREGATION_CASES

@@ -1,0 +1,80 @@
+"""Gradient aggregation: the fused Gramian path against a LibMTL-style eager PCGrad loop.
+
+"gramian_combine": one pass for G·Gᵀ plus one for wᵀG (ideal bytes 2·T·P·s + P·s) against unchunked torch
+matmuls. "aggregate": aggregate(G, method) for every method, and the eager PCGrad loop of LibMTL (T² full-length
+dot products, each read back to the host to decide the projection).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from benchmarks.conftest import DEVICE
+from benchmarks.shapes import aggregation_cases
+from tsbn_kernels import mtl
+
+GRAMIAN_BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else [])
+
+
+@functools.lru_cache(maxsize=1)
+def gradients(T: int, P: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    G = torch.randn(T, P, generator=g)
+    G[1::2] -= 0.5 * G[0]          # some conflicting rows, so PCGrad projects
+    return G.to(DEVICE)
+
+
+def libmtl_pcgrad(G: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    projected = G.clone()
+    for i in range(G.shape[0]):
+        for j in torch.randperm(G.shape[0], generator=generator).tolist():
+            dot = torch.dot(projected[i], G[j])
+            if dot < 0:                                   # a host sync per pair, as in LibMTL
+                projected[i] -= dot * G[j] / G[j].norm().pow(2)
+    return projected.sum(0)
+
+
+def ids(case):
+    return f"T{case[0]}-P{case[1]:.0e}"
+
+
+@pytest.mark.parametrize("contender", GRAMIAN_BACKENDS + ["unchunked_matmul"])
+@pytest.mark.parametrize("case", aggregation_cases(), ids=ids)
+def test_gramian_combine(benchmark, measure, case, contender):
+    T, P = case
+    G = gradients(T, P)
+    w = torch.full((T,), 1.0 / T, device=DEVICE)
+    if contender == "unchunked_matmul":
+        def step():
+            return (G @ G.T), w @ G
+    else:
+        def step():
+            return mtl.gramian(G, backend=contender), mtl.combine(G, w, backend=contender)
+    measure(benchmark, step, bytes_moved=(2 * T * P + P) * G.element_size(),
+            group=f"gramian_combine/{ids(case)}/float32", contender=contender, ours=contender != "unchunked_matmul")
+
+
+@pytest.mark.parametrize("contender", list(mtl.METHODS) + ["libmtl_loop"])
+@pytest.mark.parametrize("case", aggregation_cases(), ids=ids)
+def test_aggregate(benchmark, measure, case, contender):
+    T, P = case
+    G = gradients(T, P)
+    if contender == "libmtl_loop":
+        generator = torch.Generator().manual_seed(0)
+
+        def step():
+            return libmtl_pcgrad(G, generator)
+    elif contender == "pcgrad":
+        generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+        def step():
+            return mtl.aggregate(G, "pcgrad", generator=generator)
+    else:
+        def step():
+            return mtl.aggregate(G, contender)
+    slow = contender == "libmtl_loop" and T > 8 and DEVICE == "cpu"   # ~T² full passes: one timed round
+    measure(benchmark, step, bytes_moved=(2 * T * P + P) * G.element_size(),
+            group=f"aggregate/{ids(case)}/float32", rounds=(1, 0) if slow else None, contender=contender,
+            ours=contender != "libmtl_loop")
