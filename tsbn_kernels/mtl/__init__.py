@@ -13,10 +13,14 @@ import torch
 from torch import Tensor
 
 from .gramian import combine, combine_blocks, gramian, gramian_blocks
+from .loss_weighting import DynamicWeightAverage, GradNorm, UncertaintyWeighting
+from .per_task_grads import OneBackward, autograd_gradients
+from .training import backward_aggregated
 from .weightings import WEIGHTINGS
 
 METHODS = tuple(WEIGHTINGS)
-__all__ = ["METHODS", "aggregate", "combine", "combine_blocks", "gramian", "gramian_blocks",
+__all__ = ["METHODS", "DynamicWeightAverage", "GradNorm", "OneBackward", "UncertaintyWeighting", "aggregate",
+           "autograd_gradients", "backward_aggregated", "combine", "combine_blocks", "gramian", "gramian_blocks",
            "raise_if_nonfinite", "weights"]
 
 

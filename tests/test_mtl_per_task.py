@@ -1,0 +1,140 @@
+"""Per-task gradients from one backward against T autograd passes and against T single-task backward passes,
+on a conv net with TSBatchNorm2d in the replicated batch; the training helper; the loss weightings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tsbn_kernels as tk
+from tsbn_kernels import mtl
+
+T, N = 3, 4
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = tk.TSBatchNorm2d(8, T)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.bn2 = tk.TSBatchNorm2d(8, T, activation="relu")
+        self.fc = nn.Linear(8, 6)
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(T))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h)).mean(dim=(2, 3))
+        return torch.relu(self.fc(h))
+
+    def losses(self, x, targets):
+        feats = self.forward(x.repeat(T, 1, 1, 1)).view(T, N, -1)
+        return torch.stack([((self.heads[t](feats[t]).squeeze(1) - targets[t]) ** 2).mean() for t in range(T)])
+
+
+def setup(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = Net().to(dtype)
+    x = torch.randn(N, 3, 9, 9, dtype=dtype)
+    targets = torch.randn(T, N, dtype=dtype)
+    shared = [p for m in (net.conv1, net.conv2, net.fc) for p in m.parameters()]
+    return net, x, targets, shared
+
+
+def single_task_passes(net, x, targets, shared):
+    """T separate single-task backward passes, each through a fresh forward."""
+    rows = []
+    for t in range(T):
+        net.zero_grad()
+        net.losses(x, targets)[t].backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
+    net.zero_grad()
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_one_backward_equals_autograd_and_single_task_passes(dtype, tol):
+    net, x, targets, shared = setup(dtype=dtype)
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        losses = net.losses(x, targets)
+    assert [id(p) for p in capture.params] == [id(p) for p in shared]
+    head_params = list(net.heads.parameters()) + [net.bn1.weight, net.bn2.weight]
+    G, head_grads = capture.gradients(losses, head_params)
+    G_auto = mtl.autograd_gradients(net.losses(x, targets), shared)
+    G_single = single_task_passes(net, x, targets, shared)
+    scale = G_single.abs().max().item()
+    torch.testing.assert_close(G, G_auto, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(G, G_single, rtol=tol, atol=tol * scale)
+    want_heads = torch.autograd.grad(net.losses(x, targets).sum(), head_params)
+    for got, want in zip(head_grads, want_heads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+def test_one_backward_under_autocast():
+    net, x, targets, shared = setup()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+            losses = net.losses(x, targets)
+        G, _ = capture.gradients(losses)
+        G_auto = mtl.autograd_gradients(net.losses(x, targets), shared)
+    assert G.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(G, G_auto, dim=1)
+    assert (cos > 0.99).all(), cos
+    torch.testing.assert_close(G.norm(dim=1), G_auto.norm(dim=1), rtol=0.05, atol=1e-3)
+
+
+def test_one_backward_rejects_non_replicated_layers():
+    net, x, targets, _ = setup()
+    with pytest.raises(ValueError, match="not divisible"):
+        with mtl.OneBackward(net, 5, modules=[net.conv1]):
+            net(x.repeat(T, 1, 1, 1))
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        mtl.OneBackward(nn.Conv2d(3, 3, 3, padding="same"), 2)
+
+
+@pytest.mark.parametrize("method", ["mean", "pcgrad", "upgrad"])
+@pytest.mark.parametrize("one_backward", [True, False])
+def test_backward_aggregated_leaves_aggregate_in_grad(method, one_backward):
+    net, x, targets, shared = setup(dtype=torch.float64)
+    heads = list(net.heads.parameters())
+    G = mtl.autograd_gradients(net.losses(x, targets), shared)
+    kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
+    want = mtl.aggregate(G, method, **kwargs)
+    net.zero_grad()
+    if method == "pcgrad":
+        kwargs = {"generator": torch.Generator().manual_seed(3)}
+    if one_backward:
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+            losses = net.losses(x, targets)
+        info = mtl.backward_aggregated(losses, method=method, capture=capture, task_params=heads, **kwargs)
+    else:
+        info = mtl.backward_aggregated(net.losses(x, targets), shared, method, task_params=heads, **kwargs)
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert info["weights"].shape == (T,) and info["gramian"].shape == (T, T)
+    for t, head in enumerate(net.heads):
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_backward_aggregated_refuses_nan_losses():
+    net, x, targets, shared = setup()
+    targets[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"task\(s\) \[1\]"):
+        mtl.backward_aggregated(net.losses(x, targets), shared, "pcgrad")
+    assert all(p.grad is None for p in shared)
+
+
+def test_loss_weightings():
+    uw = mtl.UncertaintyWeighting(3)
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    torch.testing.assert_close(uw(losses), losses.sum() / 2)
+    dwa = mtl.DynamicWeightAverage(3, temperature=2.0)
+    assert torch.equal(dwa.weights(), torch.ones(3))
+    dwa.end_epoch(torch.tensor([1.0, 1.0, 1.0]))
+    dwa.end_epoch(torch.tensor([0.5, 1.0, 2.0]))
+    w = dwa.weights()
+    assert abs(w.sum().item() - 3) < 1e-6 and w[2] > w[1] > w[0]
+    gn = mtl.GradNorm(2, alpha=1.0, lr=0.1)
+    w0 = gn.update(torch.tensor([1.0, 1.0]), torch.tensor([10.0, 1.0]))
+    w1 = gn.update(torch.tensor([1.0, 1.0]), torch.tensor([10.0, 1.0]) * w0)
+    assert abs(w1.sum().item() - 2) < 1e-6 and w1[0] < 1 < w1[1]   # the large-gradient task is damped

@@ -1,0 +1,141 @@
+"""Per-task gradients G [T, P] of the shared parameters.
+
+One backward (DESIGN.md §3): in the replicated batch, with task-specific norms as the only layers that mix
+samples, task t's loss depends on block t of every shared layer's input and output alone. So one
+torch.autograd.grad of Σ_t L_t with respect to the *outputs* of the shared Conv/Linear layers (not their
+weights) yields every block's output gradient, and each layer's weight gradient splits exactly into T
+per-block gradients: a grouped convolution-weight gradient (or a batched matmul) over the T blocks, the
+same FLOPs as the one summed weight gradient it replaces. They are written straight into the rows of G.
+
+Fallback (any model): T autograd passes, one per task loss.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _stack_losses(losses: Tensor | Sequence[Tensor]) -> Tensor:
+    stacked = losses if isinstance(losses, Tensor) else torch.stack(list(losses))
+    if stacked.dim() != 1 or stacked.numel() < 1:
+        raise ValueError(f"losses must be T scalars (one per task), got shape {tuple(stacked.shape)}")
+    return stacked
+
+
+def autograd_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """G [T, P] by T autograd passes (any model). P = the params' numels, concatenated in order."""
+    losses = _stack_losses(losses)
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    G = torch.zeros(losses.shape[0], total, dtype=params[0].dtype, device=params[0].device)
+    for t in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+        offset = 0
+        for p, g in zip(params, grads):
+            if g is not None:
+                G[t, offset:offset + p.numel()] = g.reshape(-1)
+            offset += p.numel()
+    return G
+
+
+class OneBackward:
+    """Records the shared Conv/Linear layers of a replicated-batch forward, then gives all T per-task gradients
+    of their parameters from one backward pass.
+
+        with OneBackward(model, num_tasks) as capture:
+            losses = task_losses(model(x.repeat(T, ...)))
+        G, other_grads = capture.gradients(losses, other_params)   # G: [T, P] over capture.params
+
+    ``capture.params`` lists the parameters in G's column order (weights then biases of each layer, in
+    module order). Parameters in ``other_params`` (task-specific ones) get their ordinary gradient of Σ losses.
+    """
+
+    def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None):
+        self.num_tasks = num_tasks
+        self.modules = [m for m in (modules if modules is not None else model.modules())
+                        if isinstance(m, _SUPPORTED) and m.weight.requires_grad]
+        for m in self.modules:
+            if not isinstance(m, nn.Linear) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+                raise ValueError(f"OneBackward supports convolutions with numeric zero padding; {m} has "
+                                 f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
+        if not self.modules:
+            raise ValueError("OneBackward found no Conv/Linear layer with trainable weights to split by task")
+        self.params = [p for m in self.modules for p in (m.weight, m.bias) if p is not None and p.requires_grad]
+        self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
+        self._handles = []
+
+    def __enter__(self) -> "OneBackward":
+        self._records.clear()
+        self._handles = [m.register_forward_hook(self._record) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        x = inputs[0]
+        if x.shape[0] % self.num_tasks:
+            raise ValueError(f"{type(module).__name__} received a batch of {x.shape[0]} rows, not divisible into "
+                             f"{self.num_tasks} task blocks; run every shared layer on the replicated batch")
+        if not output.requires_grad:
+            raise ValueError(f"the output of {type(module).__name__} does not require grad; OneBackward needs the "
+                             "shared layers to be trainable")
+        self._records.append((module, x.detach(), output))
+
+    def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
+                  ) -> tuple[Tensor, list[Tensor | None]]:
+        losses = _stack_losses(losses)
+        if losses.shape[0] != self.num_tasks:
+            raise ValueError(f"got {losses.shape[0]} losses for {self.num_tasks} tasks")
+        if not self._records:
+            raise RuntimeError("no forward was recorded: compute the losses inside `with capture:`")
+        records = self._records
+        outputs = [out for _, _, out in records]
+        other_params = list(other_params)
+        grads = torch.autograd.grad(losses.sum(), outputs + other_params, allow_unused=True)
+        out_grads, other_grads = grads[:len(outputs)], list(grads[len(outputs):])
+        layout = {}
+        offset = 0
+        for p in self.params:
+            layout[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        G = torch.zeros(self.num_tasks, offset, dtype=self.params[0].dtype, device=self.params[0].device)
+        for (module, x, _), dy in zip(records, out_grads):
+            if dy is None:
+                continue
+            weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
+            start, size = layout[id(module.weight)]
+            G[:, start:start + size] += weight_grads.reshape(self.num_tasks, -1).to(G.dtype)
+            if module.bias is not None and module.bias.requires_grad:
+                start, size = layout[id(module.bias)]
+                G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
+        self._records = []
+        return G, other_grads
+
+
+def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients of each of the T task blocks: [T, *weight.shape], [T, out]."""
+    rows = x.shape[0] // T
+    dy = dy.to(x.dtype) if dy.dtype != x.dtype else dy
+    if isinstance(module, nn.Linear):
+        xb = x.reshape(T, -1, x.shape[-1])
+        gb = dy.reshape(T, -1, dy.shape[-1])
+        return torch.bmm(gb.transpose(1, 2), xb), gb.sum(dim=1)
+    dims = module.weight.dim() - 2
+    # The T blocks become T·groups groups of one convolution: [rows, T·C, *spatial] ⊛ [rows, T·O, *spatial].
+    xg = x.reshape(T, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, T * x.shape[1], *x.shape[2:])
+    gg = dy.reshape(T, rows, *dy.shape[1:]).transpose(0, 1).reshape(rows, T * dy.shape[1], *dy.shape[2:])
+    weight_grad_fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                      3: torch.nn.grad.conv3d_weight}[dims]
+    out_channels = module.weight.shape[0]
+    grouped_shape = (T * out_channels, *module.weight.shape[1:])
+    wg = weight_grad_fn(xg, grouped_shape, gg, stride=module.stride, padding=module.padding,
+                        dilation=module.dilation, groups=module.groups * T)
+    bias = dy.reshape(T, rows, dy.shape[1], -1).sum(dim=(1, 3))
+    return wg.reshape(T, *module.weight.shape), bias
