@@ -8,7 +8,10 @@ import torch
 
 from tsbn_kernels import mtl
 
-BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+from tsbn_kernels import _extension  # noqa: E402
+
+BACKENDS = (["torch"] + (["cpp"] if _extension.has_op("gramian") and not torch.cuda.is_available() else [])
+            + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -54,6 +57,17 @@ def test_blocks_equal_concatenation():
     parts = mtl.combine_blocks(blocks, w)
     assert [p.shape for p in parts] == [b.shape[1:] for b in blocks]
     torch.testing.assert_close(torch.cat([p.flatten() for p in parts]), mtl.combine(flat, w))
+
+
+@pytest.mark.skipif(not _extension.has_op("gramian"), reason="extension not built")
+def test_cpp_ops_opcheck_and_errors():
+    G = rows(3, 5000, torch.float32)
+    torch.library.opcheck(torch.ops.tsbn.gramian.default, (G,))
+    torch.library.opcheck(torch.ops.tsbn.combine.default, (G, torch.randn(3)))
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.tsbn.gramian(torch.randn(4))
+    with pytest.raises(ValueError, match=r"w must have shape \(3,\)"):
+        torch.ops.tsbn.combine(G, torch.randn(4))
 
 
 def test_bad_inputs():

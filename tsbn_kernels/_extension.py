@@ -46,6 +46,16 @@ if _C is not None:
     def _task_counts_fake(task_ids, num_tasks):
         return task_ids.new_empty(num_tasks + 2, dtype=torch.long)
 
+    if has_op("gramian"):
+        @torch.library.register_fake("tsbn::gramian")
+        def _gramian_fake(G):
+            acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+            return G.new_empty((G.shape[0], G.shape[0]), dtype=acc)
+
+        @torch.library.register_fake("tsbn::combine")
+        def _combine_fake(G, w):
+            return G.new_empty((G.shape[1],))
+
     # Complete the compiled ops (fake impls, autograd) as soon as they exist, so that torch.ops.tsbn.* works
     # under torch.compile and opcheck even when called directly rather than through tsbn_kernels' API.
     if has_op("ts_bn_forward"):
