@@ -56,7 +56,7 @@ def rounds_for(bytes_moved: int) -> tuple[int, int]:
 def measure(copy_bandwidth):
     def run(benchmark, fn, *, bytes_moved: int, group: str, rounds: tuple[int, int] | None = None, **info):
         benchmark.group = group
-        rounds, warmup = rounds or rounds_for(bytes_moved)
+        rounds, warmup = rounds_for(bytes_moved) if rounds is None or SMOKE else rounds
 
         def target():
             fn()
