@@ -13,9 +13,9 @@ import torch
 
 from benchmarks.conftest import DEVICE
 from benchmarks.shapes import aggregation_cases
-from tsbn_kernels import mtl
+from tsbn_kernels import _extension, mtl
 
-GRAMIAN_BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else [])
+GRAMIAN_BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else ["cpp"] if _extension.has_op("gramian") else [])
 
 
 @functools.lru_cache(maxsize=1)

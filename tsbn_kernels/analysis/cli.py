@@ -1,0 +1,65 @@
+"""tsbn-analyze: the gate report of a tsbn-train run directory, a checkpoint file, or a saved state_dict.
+
+    tsbn-analyze RUN_DIR | CHECKPOINT.pt [--tau 0.5] [--out DIR] [--gate sigmoid|none]
+
+A run directory holds config.json (benchmark, norm, num_tasks, task_names), checkpoint.pt ({"model":
+state_dict, ...}) and, when training recorded it, analysis/record.npz (gate trajectories and Gramians).
+The report goes to RUN_DIR/analysis/ (or next to the checkpoint, or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+from .gates import gates_from_state_dict
+from .record import load_record
+from .report import write_report
+
+
+def _load_state(path: pathlib.Path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"tsbn-analyze: {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report which file is unreadable and why
+        raise SystemExit(f"tsbn-analyze: cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise SystemExit(f"tsbn-analyze: {path} holds neither a state_dict nor a dict with a 'model' state_dict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tsbn-analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=pathlib.Path)
+    parser.add_argument("--tau", type=float, default=0.5, help="a channel is open for a task when its gate > tau")
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--gate", choices=("sigmoid", "none"), help="override the gate kind of config.json")
+    args = parser.parse_args(argv)
+    config, record = {}, None
+    if args.path.is_dir():
+        config_path = args.path / "config.json"
+        if config_path.exists():
+            config = json.loads(config_path.read_text())
+        state = _load_state(args.path / "checkpoint.pt")
+        record_path = args.path / "analysis" / "record.npz"
+        record = load_record(record_path) if record_path.exists() else None
+        out = args.out or args.path / "analysis"
+    else:
+        state = _load_state(args.path)
+        out = args.out or args.path.parent / f"{args.path.stem}_analysis"
+    gate = args.gate or ("none" if config.get("norm") == "tsbn" else "sigmoid")
+    layers = gates_from_state_dict(state, gate=gate, num_tasks=config.get("num_tasks"))
+    report = write_report(layers, out, tau=args.tau, record=record, task_names=config.get("task_names"),
+                          title=f"Gate analysis: {args.path}")
+    print(f"{len(layers)} gated layers, {layers[0].num_tasks} tasks -> {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

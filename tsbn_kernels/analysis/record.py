@@ -1,0 +1,56 @@
+"""Records gates and Gramians during training, for gate trajectories and the gradient-cosine matrix."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from .gates import gates_from_module
+
+
+class TrainingRecorder:
+    """``rec.record(step, model, gramian)`` snapshots every TS layer's gates (and the [T, T] Gramian of the
+    step's per-task gradients when given); ``rec.close()`` writes RUN_DIR/analysis/record.npz atomically."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = pathlib.Path(run_dir) / "analysis" / "record.npz"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.steps: list[int] = []
+        self.gates: dict[str, list[np.ndarray]] = {}
+        self.gramian_steps: list[int] = []
+        self.gramians: list[np.ndarray] = []
+
+    def record(self, step: int, model: nn.Module, gramian: torch.Tensor | None = None) -> None:
+        self.steps.append(int(step))
+        for layer in gates_from_module(model):
+            self.gates.setdefault(layer.name, []).append(layer.values.astype(np.float32))
+        if gramian is not None:
+            self.gramian_steps.append(int(step))
+            self.gramians.append(gramian.detach().double().cpu().numpy())
+
+    def close(self) -> pathlib.Path:
+        arrays = {"steps": np.asarray(self.steps), "gramian_steps": np.asarray(self.gramian_steps),
+                  "gramians": np.asarray(self.gramians) if self.gramians else np.zeros((0, 0, 0))}
+        for i, (name, snaps) in enumerate(self.gates.items()):
+            arrays[f"gates_{i}"] = np.stack(snaps)
+            arrays[f"name_{i}"] = np.asarray(name)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, self.path)
+        return self.path
+
+    def __enter__(self) -> "TrainingRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_record(path: str | os.PathLike) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        names = sorted((k for k in data.files if k.startswith("name_")), key=lambda k: int(k[5:]))
+        return {"steps": data["steps"], "gramians": data["gramians"],
+                "trajectories": {str(data[n]): data["gates_" + n[5:]] for n in names}}
