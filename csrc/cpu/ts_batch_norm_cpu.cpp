@@ -14,6 +14,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../ts_batch_norm_layout.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -38,19 +40,6 @@ struct Blocks {
     return interleaved ? std::min(rows_per_block, S - chunk * rows_per_block) : S;
   }
 };
-
-bool is_interleaved(const at::Tensor& x) {
-  if (x.dim() == 2) return true;
-  if (x.is_contiguous()) return false;
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return false;
-}
-
-at::MemoryFormat layout_of(const at::Tensor& x, bool interleaved) {
-  if (!interleaved || x.dim() == 2) return at::MemoryFormat::Contiguous;
-  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-}
 
 std::vector<int64_t> task_of_samples(const c10::optional<at::Tensor>& task_ids, int64_t N, int64_t T) {
   std::vector<int64_t> task_of(N);
@@ -443,7 +432,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
       dweight = at::empty({0}, x.options());
     }
     if (bias.has_value() && bias->defined()) {
-      dbias = at::from_blob(s1.data(), {T, C}, at::TensorOptions().dtype(at::kDouble)).to(bias->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      // copy=true: s1 is a local buffer, and .to() of a double tensor to double would otherwise alias it.
+      dbias = at::from_blob(s1.data(), {T, C}, at::TensorOptions().dtype(at::kDouble))
+                  .to(bias->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     } else {
       dbias = at::empty({0}, x.options());
     }

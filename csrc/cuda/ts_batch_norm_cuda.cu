@@ -17,6 +17,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../ts_batch_norm_layout.h"
+
 #include "cuda_utils.cuh"
 
 namespace tsbn {
@@ -39,19 +41,6 @@ struct Geometry {
   int64_t channels_per_group;
   int64_t tiles() const { return N * chunks; }
 };
-
-bool is_interleaved(const at::Tensor& x) {
-  if (x.dim() == 2) return true;
-  if (x.is_contiguous()) return false;
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return false;
-}
-
-at::MemoryFormat layout_of(const at::Tensor& x, bool interleaved) {
-  if (!interleaved || x.dim() == 2) return at::MemoryFormat::Contiguous;
-  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-}
 
 Geometry geometry_of(const at::Tensor& x, bool interleaved) {
   Geometry g;

@@ -128,12 +128,10 @@ def _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, stride_n, stride_c, stride_s,
-                  chunks, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
-                  RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    # Programs run in reverse tile order: the tiles the statistics pass read last are still in L2.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    c_blk = tl.program_id(1)
+def _task_tile(tile, c_blk, ids_ptr, C, S, stride_n, stride_c, stride_s, chunks, BLOCK_C: tl.constexpr,
+               BLOCK_S: tl.constexpr):
+    """Coordinates of one (sample, S-chunk, channel-tile) tile: its task t, channels, mask, element offsets and
+    the (task, channel) indices k of its per-(task, channel) coefficients."""
     n = tile // chunks
     chunk = tile % chunks
     t = tl.load(ids_ptr + n)
@@ -141,11 +139,21 @@ def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, 
     ss = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
     c_ok = cs < C
     mask = c_ok[:, None] & (ss < S)[None, :]
-    k = t * C + cs
+    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
+    return cs, c_ok, mask, t * C + cs, offs
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, stride_n, stride_c, stride_s,
+                  chunks, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+                  RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    # Programs run in reverse tile order: the tiles the statistics pass read last are still in L2.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                         chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
     scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
-    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
     if RELU:
@@ -156,19 +164,12 @@ def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, 
 @triton.jit
 def _grad_sums_kernel(x_ptr, dy_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s1_ptr, s2_ptr, C, S,
                       stride_n, stride_c, stride_s, chunks, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SIGMOID: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                      SIGMOID: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                      ACC: tl.constexpr):
     tile = tl.program_id(0)
-    c_blk = tl.program_id(1)
-    n = tile // chunks
-    chunk = tile % chunks
-    t = tl.load(ids_ptr + n)
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_ok = cs < C
-    mask = c_ok[:, None] & (ss < S)[None, :]
-    k = t * C + cs
+    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                         chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
-    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
@@ -203,15 +204,8 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                        RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    c_blk = tl.program_id(1)
-    n = tile // chunks
-    chunk = tile % chunks
-    t = tl.load(ids_ptr + n)
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_ok = cs < C
-    mask = c_ok[:, None] & (ss < S)[None, :]
-    k = t * C + cs
+    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                         chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     r = tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
@@ -225,7 +219,6 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
         s2 = tl.load(s2_ptr + k, mask=c_ok, other=0.0)
         coef_d = -coef_dy * r * r * s2 / m
         coef_0 = -coef_dy * s1 / m
-    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
