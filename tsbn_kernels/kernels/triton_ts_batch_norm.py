@@ -140,7 +140,7 @@ def _task_tile(tile, c_blk, ids_ptr, C, S, stride_n, stride_c, stride_s, chunks,
     c_ok = cs < C
     mask = c_ok[:, None] & (ss < S)[None, :]
     offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
-    return cs, c_ok, mask, t * C + cs, offs
+    return t, cs, c_ok, mask, t * C + cs, offs
 
 
 @triton.jit
@@ -149,8 +149,8 @@ def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, 
                   RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     # Programs run in reverse tile order: the tiles the statistics pass read last are still in L2.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                         chunks, BLOCK_C, BLOCK_S)
+    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                            chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
     scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
@@ -167,8 +167,8 @@ def _grad_sums_kernel(x_ptr, dy_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
                       SIGMOID: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                       ACC: tl.constexpr):
     tile = tl.program_id(0)
-    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                         chunks, BLOCK_C, BLOCK_S)
+    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                            chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -204,8 +204,8 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                        RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                         chunks, BLOCK_C, BLOCK_S)
+    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
+                                            chunks, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     r = tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
