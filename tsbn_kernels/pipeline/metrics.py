@@ -1,0 +1,142 @@
+"""Evaluation metrics of the four benchmarks (DESIGN.md §5), accumulated over a whole split.
+
+Segmentation accumulates one confusion matrix (mIoU over the classes that occur in prediction or label, pixel
+accuracy); depth and normal errors count valid pixels only (depth 0 / normal 0 = invalid); the median normal
+angle comes from a 0.001°-bin histogram, so no per-pixel array is kept. Δm follows the CAGrad / Nash-MTL / FAMO
+convention (lower is better), against the published single-task baselines below.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+BASELINES = {
+    "nyuv2": {"miou": 0.3830, "pix_acc": 0.6376, "abs_err": 0.6754, "rel_err": 0.2780, "mean_angle": 25.01,
+              "median_angle": 19.21, "within_11.25": 0.3014, "within_22.5": 0.5720, "within_30": 0.6915},
+    "cityscapes": {"miou": 0.7401, "pix_acc": 0.9316, "abs_err": 0.0125, "rel_err": 27.77},
+}
+HIGHER_IS_BETTER = {"miou": True, "pix_acc": True, "abs_err": False, "rel_err": False, "mean_angle": False,
+                    "median_angle": False, "within_11.25": True, "within_22.5": True, "within_30": True,
+                    "accuracy": True, "f1": True, "max_f": True, "ods_f": True}
+
+
+class Segmentation:
+    """Confusion matrix over the split; label −1 (or ``ignore_index``) is ignored."""
+
+    def __init__(self, num_classes: int, ignore_index: int = -1):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, logits_or_pred: Tensor, label: Tensor) -> None:
+        pred = logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == label.dim() + 1 else logits_or_pred
+        valid = label != self.ignore_index
+        if bool(((label[valid] < 0) | (label[valid] >= self.num_classes)).any()):
+            raise ValueError(f"segmentation labels must lie in [0, {self.num_classes}) or be {self.ignore_index}")
+        index = label[valid].long() * self.num_classes + pred[valid].long()
+        self.confusion += torch.bincount(index.cpu(), minlength=self.num_classes ** 2).view(
+            self.num_classes, self.num_classes)
+
+    def compute(self) -> dict[str, float]:
+        c = self.confusion.double()
+        tp = c.diagonal()
+        union = c.sum(0) + c.sum(1) - tp
+        present = union > 0
+        miou = (tp[present] / union[present]).mean().item() if bool(present.any()) else float("nan")
+        return {"miou": miou, "pix_acc": (tp.sum() / c.sum().clamp_min(1)).item()}
+
+
+class Depth:
+    """Mean absolute and mean relative error over valid pixels (ground truth ≠ 0) of the split."""
+
+    def __init__(self):
+        self.abs_sum = self.rel_sum = 0.0
+        self.count = 0
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        valid = target != 0
+        diff = (pred - target)[valid].double().abs()
+        self.abs_sum += diff.sum().item()
+        self.rel_sum += (diff / target[valid].double().abs()).sum().item()
+        self.count += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"abs_err": self.abs_sum / n, "rel_err": self.rel_sum / n}
+
+
+class Normals:
+    """Angle between predicted and true normals (channel dim 1) over valid pixels (true normal ≠ 0)."""
+
+    BINS = 180_000  # 0.001° per bin
+
+    def __init__(self):
+        self.histogram = torch.zeros(self.BINS, dtype=torch.long)
+        self.angle_sum = 0.0
+        self.count = 0
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        valid = target.abs().sum(dim=1) > 0
+        p = torch.nn.functional.normalize(pred.double(), dim=1)
+        t = torch.nn.functional.normalize(target.double(), dim=1)
+        cos = (p * t).sum(dim=1)[valid].clamp(-1, 1)
+        angles = torch.rad2deg(torch.acos(cos))
+        self.angle_sum += angles.sum().item()
+        self.count += angles.numel()
+        bins = (angles / 180 * self.BINS).long().clamp(0, self.BINS - 1).cpu()
+        self.histogram += torch.bincount(bins, minlength=self.BINS)
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        cumulative = self.histogram.cumsum(0)
+        median_bin = int(torch.searchsorted(cumulative, (self.count + 1) // 2))
+        width = 180 / self.BINS
+        return {"mean_angle": self.angle_sum / n, "median_angle": (median_bin + 0.5) * width,
+                **{f"within_{t:g}": cumulative[min(int(t / width), self.BINS) - 1].item() / n
+                   for t in (11.25, 22.5, 30)}}
+
+
+class BinaryAttributes:
+    """Per-attribute accuracy and F1 of multi-label logits [N, A] against 0/1 targets; the means are reported."""
+
+    def __init__(self, num_attributes: int):
+        self.tp = torch.zeros(num_attributes, dtype=torch.long)
+        self.fp = torch.zeros_like(self.tp)
+        self.fn = torch.zeros_like(self.tp)
+        self.tn = torch.zeros_like(self.tp)
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        pred = (logits > 0).cpu()
+        target = target.bool().cpu()
+        self.tp += (pred & target).sum(0)
+        self.fp += (pred & ~target).sum(0)
+        self.fn += (~pred & target).sum(0)
+        self.tn += (~pred & ~target).sum(0)
+
+    def per_attribute(self) -> dict[str, Tensor]:
+        total = (self.tp + self.fp + self.fn + self.tn).clamp_min(1).double()
+        f1_denominator = (2 * self.tp + self.fp + self.fn).double()
+        f1 = torch.where(f1_denominator > 0, 2 * self.tp.double() / f1_denominator.clamp_min(1), torch.ones(1).double())
+        return {"accuracy": (self.tp + self.tn).double() / total, "f1": f1}
+
+    def compute(self) -> dict[str, float]:
+        return {k: v.mean().item() for k, v in self.per_attribute().items()}
+
+
+def delta_m(metrics: dict[str, float], baseline: dict[str, float]) -> float:
+    """Δm% = (100/K) Σ_k (−1)^{δ_k} (M_k − B_k) / B_k, δ_k = 1 when higher is better; lower Δm is better."""
+    keys = [k for k in baseline if k in metrics]
+    if not keys:
+        raise ValueError(f"no metric in common with the baseline: {sorted(metrics)} vs {sorted(baseline)}")
+    total = 0.0
+    for k in keys:
+        sign = -1.0 if HIGHER_IS_BETTER[k] else 1.0
+        total += sign * (metrics[k] - baseline[k]) / baseline[k]
+    return 100.0 * total / len(keys)
+
+
+def delta_m_per_task(task_metrics: dict[str, dict[str, float]], baseline: dict[str, float]) -> float:
+    """LibMTL's variant: Δm of each task's own metrics first, then the mean over tasks."""
+    values = [delta_m(m, baseline) for m in task_metrics.values()]
+    return sum(values) / len(values) if values else math.nan
