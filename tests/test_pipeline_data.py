@@ -1,0 +1,71 @@
+"""The NYUv2 / Cityscapes loaders on files written in the real format by `tsbn-data synth`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tsbn_kernels.pipeline import data, dense_data
+
+
+@pytest.mark.parametrize("dataset,tasks", [("nyuv2", {"image", "segmentation", "depth", "normal"}),
+                                             ("cityscapes", {"image", "segmentation", "depth"})])
+def test_synth_writes_the_real_format_and_the_loader_reads_it(dataset, tasks, tmp_path, capsys):
+    assert data.main(["synth", dataset, "--out", str(tmp_path), "--n", "3", "--size", "24", "32"]) == 0
+    spec = dense_data.SPECS[dataset]
+    assert np.load(tmp_path / "train" / spec.folders["segmentation"] / "0.npy").shape == (24, 32)
+    assert np.load(tmp_path / "train" / "image" / "2.npy").shape == (24, 32, 3)
+    ds = data.DenseDataset(dataset, tmp_path, "train")
+    assert len(ds) == 3
+    item = ds[1]
+    assert set(item) == tasks
+    assert item["image"].shape == (3, 24, 32) and item["image"].min() >= 0 and item["image"].max() <= 1
+    seg = item["segmentation"]
+    assert seg.dtype == torch.long and seg.min() >= -1 and seg.max() < spec.num_classes and (seg == -1).any()
+    assert (item["depth"] == 0).any() and (item["depth"] > 0).any()
+    if "normal" in item:
+        norms = item["normal"].norm(dim=0)
+        valid = norms > 0
+        torch.testing.assert_close(norms[valid], torch.ones_like(norms[valid]), rtol=1e-5, atol=1e-5)
+        assert torch.equal(valid, item["depth"][0] > 0)
+
+
+def test_default_size_is_the_benchmark_size(tmp_path):
+    dense_data.synthesize("cityscapes", tmp_path, 1)
+    assert np.load(tmp_path / "train" / "image" / "0.npy").shape == (128, 256, 3)
+
+
+def test_augmentation_scales_depth_and_flips_normals(tmp_path):
+    dense_data.synthesize("nyuv2", tmp_path, 1, size=(30, 40))
+    plain = data.DenseDataset("nyuv2", tmp_path)[0]
+    seen_scales, seen_flip = set(), False
+    for seed in range(12):
+        out = data.DenseDataset("nyuv2", tmp_path, augment=True, generator=torch.Generator().manual_seed(seed))[0]
+        assert out["image"].shape == (3, 30, 40) and out["segmentation"].dtype == torch.long
+        valid = out["depth"] > 0
+        # Depth values are original values divided by the crop's scale.
+        ratio = plain["depth"][plain["depth"] > 0].max() / out["depth"][valid].max()
+        scale = min((1.0, 1.2, 1.5), key=lambda s: abs(s - ratio.item()))
+        seen_scales.add(scale)
+        assert set(out["segmentation"].unique().tolist()) <= set(plain["segmentation"].unique().tolist())
+        if scale == 1.0 and torch.equal(out["segmentation"], plain["segmentation"].flip(-1)):
+            seen_flip = True
+            torch.testing.assert_close(out["normal"][0], -plain["normal"][0].flip(-1))
+            torch.testing.assert_close(out["normal"][1:], plain["normal"][1:].flip(-1))
+    assert len(seen_scales) >= 2 and seen_flip
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image folder"):
+        data.DenseDataset("nyuv2", tmp_path)
+    dense_data.synthesize("nyuv2", tmp_path, 2, size=(8, 8))
+    (tmp_path / "train" / "depth" / "1.npy").unlink()
+    ds = data.DenseDataset("nyuv2", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"missing data file .*depth/1\.npy"):
+        ds[1]
+    (tmp_path / "train" / "normal" / "0.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"corrupt data file .*normal/0\.npy"):
+        ds[0]
+    np.save(tmp_path / "train" / "label" / "0.npy", np.zeros((8, 8, 2)))
+    with pytest.raises(ValueError, match="label/0.npy has shape"):
+        ds[0]

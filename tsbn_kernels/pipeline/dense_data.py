@@ -1,0 +1,156 @@
+"""NYUv2 and Cityscapes in the MTAN preprocessing (DESIGN.md §5): loaders of the real on-disk format, the field's
+augmentation, and a synthetic scene generator that writes that same format.
+
+    {root}/{train,val}/image/{i}.npy    (H, W, 3) float in [0, 1]
+    NYUv2:      label/{i}.npy (H, W) −1..12, depth/{i}.npy (H, W, 1) 0 = invalid, normal/{i}.npy (H, W, 3) 0 = invalid
+    Cityscapes: label_7/{i}.npy (H, W) −1..6, depth/{i}.npy (H, W, 1) disparity, 0 = invalid
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    name: str
+    size: tuple[int, int]
+    num_classes: int
+    folders: dict[str, str]          # task -> folder name
+    splits: dict[str, int]           # published split sizes
+
+
+NYUV2 = DenseSpec("nyuv2", (288, 384), 13, {"image": "image", "segmentation": "label", "depth": "depth",
+                                             "normal": "normal"}, {"train": 795, "val": 654})
+CITYSCAPES = DenseSpec("cityscapes", (128, 256), 7, {"image": "image", "segmentation": "label_7", "depth": "depth"},
+                       {"train": 2975, "val": 500})
+SPECS = {"nyuv2": NYUV2, "cityscapes": CITYSCAPES}
+
+
+def _load(path: pathlib.Path, shape_tail: tuple[int, ...] | None) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"missing data file {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"corrupt data file {path}: {exc}") from exc
+    if shape_tail is not None and tuple(array.shape[2:]) != shape_tail:
+        raise ValueError(f"data file {path} has shape {array.shape}, expected (H, W{''.join(f', {s}' for s in shape_tail)})")
+    return array
+
+
+class DenseDataset(torch.utils.data.Dataset):
+    """One split of NYUv2 or Cityscapes. Items are dicts of tensors: image [3, H, W] float, segmentation
+    [H, W] long (−1 ignore), depth [1, H, W] (0 invalid), and for NYUv2 normal [3, H, W] (0 invalid).
+
+    ``augment=True`` applies the MTAN/LibMTL augmentation: a random scale s ∈ {1, 1.2, 1.5} crop resized back
+    to full size (depth divided by s, labels by nearest neighbour) and a horizontal flip (normal x negated)."""
+
+    def __init__(self, spec: DenseSpec | str, root: str | os.PathLike, split: str = "train", augment: bool = False,
+                 generator: torch.Generator | None = None):
+        self.spec = SPECS[spec] if isinstance(spec, str) else spec
+        self.dir = pathlib.Path(root) / split
+        image_dir = self.dir / self.spec.folders["image"]
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"{self.spec.name}: no image folder {image_dir} (expected the MTAN layout "
+                                    f"{{root}}/{{train,val}}/{{{','.join(self.spec.folders.values())}}}/{{i}}.npy)")
+        self.indices = sorted(int(p.stem) for p in image_dir.glob("*.npy"))
+        if not self.indices:
+            raise FileNotFoundError(f"{self.spec.name}: {image_dir} holds no .npy files")
+        self.augment = augment
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, Tensor]:
+        i = self.indices[item]
+        folders = self.spec.folders
+        image = _load(self.dir / folders["image"] / f"{i}.npy", (3,))
+        out = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1),
+               "segmentation": torch.from_numpy(_load(self.dir / folders["segmentation"] / f"{i}.npy", ())
+                                                .astype(np.int64)),
+               "depth": torch.from_numpy(np.ascontiguousarray(_load(self.dir / folders["depth"] / f"{i}.npy", (1,)),
+                                                              dtype=np.float32)).permute(2, 0, 1)}
+        if "normal" in folders:
+            normal = _load(self.dir / folders["normal"] / f"{i}.npy", (3,))
+            out["normal"] = torch.from_numpy(np.ascontiguousarray(normal, dtype=np.float32)).permute(2, 0, 1)
+        shapes = {k: tuple(v.shape[-2:]) for k, v in out.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
+        return random_scale_flip(out, self.generator) if self.augment else out
+
+
+def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    height, width = sample["image"].shape[-2:]
+    scale = [1.0, 1.2, 1.5][int(torch.randint(3, (1,), generator=generator))]
+    h, w = int(height / scale), int(width / scale)
+    top = int(torch.randint(height - h + 1, (1,), generator=generator))
+    left = int(torch.randint(width - w + 1, (1,), generator=generator))
+    out = {}
+    for key, value in sample.items():
+        crop = value[..., top:top + h, left:left + w]
+        if key == "segmentation":
+            out[key] = F.interpolate(crop[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+        elif key in ("depth", "normal"):
+            # Nearest keeps invalid (0) pixels invalid instead of smearing them into their neighbours.
+            resized = F.interpolate(crop[None], size=(height, width), mode="nearest")[0]
+            out[key] = resized / scale if key == "depth" else resized
+        else:
+            out[key] = F.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    if bool(torch.rand(1, generator=generator) < 0.5):
+        out = {k: v.flip(-1) for k, v in out.items()}
+        if "normal" in out:
+            out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return out
+
+
+def synthesize(spec: DenseSpec | str, root: str | os.PathLike, n: int, split: str = "train", seed: int = 0,
+               size: tuple[int, int] | None = None) -> pathlib.Path:
+    """Write ``n`` learnable scenes in the real on-disk format: a floor and walls (planes) with boxes in front;
+    segmentation = which surface, depth = distance along the view ray, normals = the surface normal, and the
+    image = the class colour shaded by the normal, so every task is a function of the image."""
+    spec = SPECS[spec] if isinstance(spec, str) else spec
+    height, width = size or spec.size
+    rng = np.random.default_rng(seed)
+    out = pathlib.Path(root) / split
+    for folder in spec.folders.values():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    palette = rng.uniform(0.15, 0.95, size=(spec.num_classes, 3))
+    v, u = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    for i in range(n):
+        seg = np.full((height, width), 0, dtype=np.int64)
+        depth = 2.0 + 1.5 * (1 - np.abs(u)) + 0.5 * rng.uniform()           # back wall, deeper in the middle
+        normal = np.stack([np.sign(u) * 0.6, np.zeros_like(u), -np.ones_like(u) * 0.8], axis=-1)
+        floor = v > 0.2 + 0.2 * rng.uniform()
+        seg[floor] = 1
+        depth = np.where(floor, 1.0 / (v + 1e-3) * 0.6, depth)
+        normal[floor] = (0.0, -1.0, 0.0)
+        for _ in range(rng.integers(2, 5)):                                 # boxes of random classes
+            cls = int(rng.integers(2, spec.num_classes))
+            cu, cv, ru, rv = rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.6), rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)
+            box = (np.abs(u - cu) < ru) & (np.abs(v - cv) < rv)
+            seg[box] = cls
+            depth[box] = 1.0 + rng.uniform(0.0, 0.8)
+            normal[box] = (0.0, 0.0, -1.0)
+        normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+        shade = 0.6 + 0.4 * np.clip(-normal[..., 2:3] * 0.7 - normal[..., 1:2] * 0.3, 0, 1)
+        image = np.clip(palette[seg] * shade + rng.normal(0, 0.02, size=(height, width, 3)), 0, 1)
+        invalid = rng.uniform(size=(height, width)) < 0.02                   # missing sensor readings
+        label = seg.copy()
+        label[invalid] = -1
+        depth = np.where(invalid, 0.0, depth)[..., None]
+        if spec.name == "cityscapes":
+            depth = np.where(depth > 0, 1.0 / np.maximum(depth, 1e-3) * 0.05, 0.0)   # disparity
+        np.save(out / spec.folders["image"] / f"{i}.npy", image.astype(np.float32))
+        np.save(out / spec.folders["segmentation"] / f"{i}.npy", label)
+        np.save(out / spec.folders["depth"] / f"{i}.npy", depth.astype(np.float32))
+        if "normal" in spec.folders:
+            np.save(out / spec.folders["normal"] / f"{i}.npy", np.where(invalid[..., None], 0.0, normal).astype(np.float32))
+    return out
