@@ -41,7 +41,8 @@ def _load(path: pathlib.Path, shape_tail: tuple[int, ...] | None) -> np.ndarray:
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"corrupt data file {path}: {exc}") from exc
     if shape_tail is not None and tuple(array.shape[2:]) != shape_tail:
-        raise ValueError(f"data file {path} has shape {array.shape}, expected (H, W{''.join(f', {s}' for s in shape_tail)})")
+        expected = "".join(f", {s}" for s in shape_tail)
+        raise ValueError(f"data file {path} has shape {array.shape}, expected (H, W{expected})")
     return array
 
 
@@ -134,7 +135,8 @@ def synthesize(spec: DenseSpec | str, root: str | os.PathLike, n: int, split: st
         normal[floor] = (0.0, -1.0, 0.0)
         for _ in range(rng.integers(2, 5)):                                 # boxes of random classes
             cls = int(rng.integers(2, spec.num_classes))
-            cu, cv, ru, rv = rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.6), rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)
+            cu, cv = rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.6)
+            ru, rv = rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)
             box = (np.abs(u - cu) < ru) & (np.abs(v - cv) < rv)
             seg[box] = cls
             depth[box] = 1.0 + rng.uniform(0.0, 0.8)
@@ -152,5 +154,6 @@ def synthesize(spec: DenseSpec | str, root: str | os.PathLike, n: int, split: st
         np.save(out / spec.folders["segmentation"] / f"{i}.npy", label)
         np.save(out / spec.folders["depth"] / f"{i}.npy", depth.astype(np.float32))
         if "normal" in spec.folders:
-            np.save(out / spec.folders["normal"] / f"{i}.npy", np.where(invalid[..., None], 0.0, normal).astype(np.float32))
+            normal = np.where(invalid[..., None], 0.0, normal).astype(np.float32)
+            np.save(out / spec.folders["normal"] / f"{i}.npy", normal)
     return out
