@@ -19,8 +19,10 @@ PYTEST_ENV = $(if $(filter 1,$(NO_GPU)),TRITON_INTERPRET=1,) PYTHONHASHSEED=0
 
 .PHONY: demo test test-python test-cpp bench bench-smoke clean venv build
 
+# The main job: eager reference against the fused path (norm kernels, one-backward per-task gradients, fused
+# aggregation), step by step, on NYUv2, Cityscapes and CelebA at a small synthetic scale (real scale on a GPU).
 demo: build
-	$(PY) -m tsbn_kernels.demo
+	$(PY) -m tsbn_kernels.pipeline.check all --steps 3
 
 test: build test-cpp test-python bench-smoke
 

@@ -1,6 +1,8 @@
 """Reference training pipeline for NYUv2, Cityscapes, CelebA and PASCAL-Context (issue 6, in progress).
 
 Done: evaluation metrics and Δm (``metrics``); NYUv2 / Cityscapes loaders of the MTAN on-disk format with the
-field's augmentation, a synthetic scene generator writing that format, and ``tsbn-data synth`` (``dense_data``,
-``data``). Not yet: CelebA and PASCAL-Context data, the models, tsbn-train and tsbn-check.
+field's augmentation, a synthetic scene generator writing that format, ``tsbn-data synth`` (``dense_data``,
+``data``); the models (``models``: torchvision-named ResNet-50 with dilation + ASPP heads, ResNet-18 with 40
+attribute heads, norm bn / tsbn / tssigmabn, the replicated batch); ``tsbn-check`` (``check``).
+Not yet: CelebA and PASCAL-Context on-disk data, ViT-S, tsbn-train (checkpoints, resume, plots, DDP).
 """
