@@ -3,6 +3,9 @@
 Done: evaluation metrics and Δm (``metrics``); NYUv2 / Cityscapes loaders of the MTAN on-disk format with the
 field's augmentation, a synthetic scene generator writing that format, ``tsbn-data synth`` (``dense_data``,
 ``data``); the models (``models``: torchvision-named ResNet-50 with dilation + ASPP heads, ResNet-18 with 40
-attribute heads, norm bn / tsbn / tssigmabn, the replicated batch); ``tsbn-check`` (``check``).
-Not yet: CelebA and PASCAL-Context on-disk data, ViT-S, tsbn-train (checkpoints, resume, plots, DDP).
+attribute heads, norm bn / tsbn / tssigmabn, the replicated batch); ``tsbn-check`` (``check``); ``tsbn-train``
+(``train``: aggregation, amp, channels-last, metrics/Δm per epoch, JSON/CSV, plots, atomic checkpoints with
+bitwise resume, NaN stop, gate/Gramian recording for tsbn-analyze).
+Not yet: CelebA and PASCAL-Context on-disk data, PASCAL-Context models (ViT-S), DDP with synchronised task
+statistics.
 """
