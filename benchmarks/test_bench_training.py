@@ -1,10 +1,10 @@
 """Per-task gradients and whole training steps on a converted multi-task conv net (replicated batch).
 
 "per_task_grads": the T per-task gradients of the shared parameters from one backward (OneBackward) against T
-autograd passes, next to one ordinary backward of the summed loss (the cost floor). "train_step": a full PCGrad
-step, eager (reference norms, T backward passes, LibMTL-style projection loop) against fused (fused norms, one
-backward, Gramian aggregation). The model is a small ResNet-style stand-in at CelebA-like resolution until the
-pipeline's benchmark models land (issue 6); its layer shapes live here.
+autograd passes, next to one ordinary backward of the summed loss (the cost floor), on a small converted conv
+net. "train_step": one full PCGrad step of each benchmark's pipeline model (tsbn_kernels.pipeline.models), eager
+(reference norms, T backward passes, LibMTL-style projection loop) against fused (fused norms, one backward,
+Gramian aggregation); real widths and resolutions on a GPU, reduced ones on the CPU.
 """
 from __future__ import annotations
 
@@ -72,36 +72,70 @@ def test_per_task_grads(benchmark, measure, contender):
             contender=contender, ours=contender == "one_backward", rounds=(5, 1))
 
 
-@pytest.mark.parametrize("contender", ["fused", "eager"])
-def test_train_step(benchmark, measure, contender):
-    model, heads, x, y, shared = setup("auto" if contender == "fused" else "eager")
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    optimizer = torch.optim.Adam(list(model.parameters()) + list(heads.parameters()), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    head_params = list(heads.parameters()) + [p for m in model.modules()
-                                               if isinstance(m, tk.modules._TSBatchNorm) for p in m.parameters()]
+PIPELINE_SCALE = {  # benchmark: (width, (H, W), N) — GPU: the real model; CPU/smoke: small enough to run
+    "nyuv2": (64, (288, 384), 2) if DEVICE == "cuda" else (8, (72, 96), 2),
+    "cityscapes": (64, (128, 256), 8) if DEVICE == "cuda" else (8, (32, 64), 4),
+    "celeba": (64, (64, 64), 64) if DEVICE == "cuda" else (8, (32, 32), 8),
+}
+
+
+def pipeline_step(benchmark: str, contender: str):
+    from tsbn_kernels.pipeline import check, models
+
+    width, size, n = PIPELINE_SCALE[benchmark]
+    if SMOKE:
+        width, size, n = 4, (16, 16), 2
+    torch.manual_seed(0)
+    model = models.build_model(benchmark, width=width, head_width=4 * width,
+                               backend="auto" if contender == "fused" else "eager").to(DEVICE)
+    model.stem_once = contender != "fused"
+    convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shared = [p for m in convs for p in m.parameters()]
+    shared_ids = {id(p) for p in shared}
+    task_params = [p for p in model.parameters() if id(p) not in shared_ids]
+    g = torch.Generator().manual_seed(0)
+    if benchmark == "celeba":
+        batch = next(check.celeba_batches(1, n, size[0], g))
+        losses_fn = check.celeba_losses
+    else:
+        tasks = models.DENSE_TASKS[benchmark]
+        batch = {"image": torch.rand(n, 3, *size, generator=g),
+                 "segmentation": torch.randint(-1, tasks["segmentation"], (n, *size), generator=g),
+                 "depth": torch.rand(n, 1, *size, generator=g) + 0.1}
+        if "normal" in tasks:
+            batch["normal"] = torch.nn.functional.normalize(torch.randn(n, 3, *size, generator=g), dim=1)
+        losses_fn = check.dense_losses
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         if contender == "fused":
-            with mtl.OneBackward(model, T, modules=convs) as capture:
-                losses = task_losses(model, heads, x, y)
-            mtl.backward_aggregated(losses, method="pcgrad", capture=capture, task_params=head_params,
+            with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
+                losses = losses_fn(model(batch["image"]), batch)
+            mtl.backward_aggregated(losses, method="pcgrad", capture=capture, task_params=task_params,
                                     generator=generator)
         else:
-            losses = task_losses(model, heads, x, y)
-            G = mtl.autograd_gradients(losses, shared)
-            direction = libmtl_pcgrad(G, generator)
+            losses = losses_fn(model(batch["image"]), batch)
+            direction = libmtl_pcgrad(mtl.autograd_gradients(losses, shared), generator)
             offset = 0
             for p in shared:
                 p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
-            for p, g in zip(head_params, torch.autograd.grad(losses.sum(), head_params)):
-                p.grad = g
+            for p, grad in zip(task_params, torch.autograd.grad(losses.sum(), task_params, allow_unused=True)):
+                p.grad = grad
         optimizer.step()
-    measure(benchmark, step, bytes_moved=sum(p.numel() for p in shared) * 4 * (2 * T + 1),
-            group=f"train_step/pcgrad-T{T}-N{N}-{SIZE}px", contender=contender, ours=contender == "fused",
-            rounds=(5, 1))
+    return step, sum(p.numel() for p in shared), f"{benchmark}-w{width}-{size[0]}x{size[1]}-N{n}"
+
+
+@pytest.mark.parametrize("contender", ["fused", "eager"])
+@pytest.mark.parametrize("dataset", list(PIPELINE_SCALE))
+def test_train_step(benchmark, measure, dataset, contender):
+    step, params, label = pipeline_step(dataset, contender)
+    rounds = (1, 1) if dataset == "celeba" and contender == "eager" and DEVICE == "cpu" else (3, 1)
+    measure(benchmark, step, bytes_moved=params * 4 * 3, group=f"train_step/pcgrad/{label}", contender=contender,
+            ours=contender == "fused", rounds=rounds)
 
 
 def test_models_agree():
