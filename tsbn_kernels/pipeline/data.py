@@ -1,17 +1,20 @@
 """tsbn-data: datasets in the benchmarks' real on-disk formats.
 
-    tsbn-data synth {nyuv2,cityscapes} --out DIR --n N [--split train] [--size H W] [--seed 0]
+    tsbn-data synth {nyuv2,cityscapes,celeba} --out DIR --n N [--split train] [--size H W] [--seed 0]
 
-writes a synthetic, learnable dataset in the real layout, so the real loaders run on real files. CelebA and
-PASCAL-Context loaders and generators are not written yet (issue 6).
+writes a synthetic, learnable dataset in the real layout, so the real loaders run on real files (for CelebA,
+--split and --size do not apply: the files hold every split at the released 178×218). PASCAL-Context is not
+written yet (issue 6).
 """
 from __future__ import annotations
 
 import argparse
 
+from . import celeba_data
+from .celeba_data import CelebA
 from .dense_data import SPECS, DenseDataset, synthesize
 
-__all__ = ["DenseDataset", "SPECS", "main", "synthesize"]
+__all__ = ["CelebA", "DenseDataset", "SPECS", "main", "synthesize"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write a synthetic dataset in the benchmark's on-disk format")
-    synth.add_argument("benchmark", choices=sorted(SPECS))
+    synth.add_argument("benchmark", choices=sorted(SPECS) + ["celeba"])
     synth.add_argument("--out", required=True)
     synth.add_argument("--n", type=int, required=True)
     synth.add_argument("--split", default="train", choices=("train", "val"))
@@ -28,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
-    path = synthesize(args.benchmark, args.out, args.n, args.split, args.seed, tuple(args.size) if args.size else None)
+    if args.benchmark == "celeba":
+        path = celeba_data.synthesize(args.out, args.n, args.seed)
+    else:
+        path = synthesize(args.benchmark, args.out, args.n, args.split, args.seed,
+                          tuple(args.size) if args.size else None)
     print(f"wrote {args.n} {args.benchmark} samples to {path}")
     return 0
 

@@ -8,8 +8,8 @@ metrics.json and metrics.csv (per epoch: train losses, validation metrics, Δm),
 metrics, gate histograms) and analysis/record.npz (gates and Gramians for tsbn-analyze). ``--resume`` continues
 from checkpoint.pt; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and
 augmentation are a function of seed and epoch). A NaN/Inf loss stops the run with a message; the last good
-checkpoint stays. CelebA runs on the built-in synthetic attributes only (its on-disk loader is not written yet).
-Not yet: multi-process DDP with synchronised task statistics.
+checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
+OUT/data first. Not yet: PASCAL-Context, multi-process DDP with synchronised task statistics.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from tqdm import tqdm
 from .. import mtl
 from ..convert import gate_param_groups
 from ..modules import _TSBatchNorm
+from . import celeba_data
 from . import metrics as metrics_mod
-from .check import celeba_batches, celeba_losses, dense_losses
+from .check import celeba_losses, dense_losses
 from .dense_data import DenseDataset, synthesize
 from .models import DENSE_TASKS, build_model
 
@@ -56,15 +57,19 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
 
 def make_data(args, out: pathlib.Path):
     """(train batches per epoch: callable(epoch) -> iterable, validation batches: callable() -> iterable)."""
-    if args.benchmark == "celeba":
-        if args.data != "synthetic":
-            raise SystemExit("tsbn-train: CelebA's on-disk loader is not written yet; use --data synthetic")
-        size = args.size[0]
-        return (lambda epoch: celeba_batches(args.train_size // args.batch, args.batch, size,
-                                             torch.Generator().manual_seed(args.seed * 1000 + epoch)),
-                lambda: celeba_batches(max(1, args.val_size // args.batch), args.batch, size,
-                                       torch.Generator().manual_seed(10**6 + args.seed)))
     root = out / "data" if args.data == "synthetic" else pathlib.Path(args.data)
+    if args.benchmark == "celeba":
+        if args.data == "synthetic" and not (root / "list_eval_partition.txt").exists():
+            total = args.train_size + 2 * args.val_size
+            celeba_data.synthesize(root, total, seed=args.seed,
+                                   splits=(args.train_size / total, args.val_size / total, args.val_size / total))
+
+        def celeba_train(epoch):
+            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            return torch.utils.data.DataLoader(celeba_data.CelebA(root, "train", args.size[0]), batch_size=args.batch,
+                                               shuffle=True, drop_last=True, generator=generator)
+        return celeba_train, lambda: torch.utils.data.DataLoader(celeba_data.CelebA(root, "val", args.size[0]),
+                                                                 batch_size=args.batch)
     if args.data == "synthetic" and not (root / "val").exists():
         synthesize(args.benchmark, root, args.train_size, "train", seed=args.seed, size=tuple(args.size))
         synthesize(args.benchmark, root, args.val_size, "val", seed=args.seed + 1, size=tuple(args.size))

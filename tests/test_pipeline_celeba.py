@@ -1,0 +1,51 @@
+"""The CelebA loader on files written in the released layout by `tsbn-data synth celeba`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tsbn_kernels.pipeline import celeba_data, data
+
+
+def test_synth_and_load(tmp_path):
+    assert data.main(["synth", "celeba", "--out", str(tmp_path), "--n", "20"]) == 0
+    lines = (tmp_path / "list_attr_celeba.txt").read_text().splitlines()
+    assert lines[0] == "20" and lines[1].split() == list(celeba_data.ATTRIBUTES) and len(lines) == 22
+    train, val, test = (data.CelebA(tmp_path, s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (16, 2, 2)
+    item = train[3]
+    assert item["image"].shape == (3, 64, 64) and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["attributes"].shape == (40,) and set(item["attributes"].unique().tolist()) <= {0.0, 1.0}
+    # Attributes are visible: where attribute k is on, its mark's colour sits at its place in the image.
+    rng = np.random.default_rng(0)
+    colours = torch.tensor(rng.integers(0, 256, size=(40, 3)), dtype=torch.float32) / 255
+    items = [train[i] for i in range(len(train))]
+    checked = 0
+    for k in range(40):
+        angle = 2 * np.pi * k / 40
+        x, y = int((89 + 74 * np.cos(angle)) / 178 * 64), int((109 + 90 * np.sin(angle)) / 218 * 64)
+        for it in items:
+            if it["attributes"][k] == 1:
+                assert (it["image"][:, y, x] - colours[k]).abs().max() < 0.12, (k, it["image"][:, y, x], colours[k])
+                checked += 1
+    assert checked > 100
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
+        data.CelebA(tmp_path)
+    celeba_data.synthesize(tmp_path, 5)
+    (tmp_path / "img_align_celeba" / "000002.jpg").unlink()
+    ds = data.CelebA(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="000002.jpg"):
+        ds[1]
+    (tmp_path / "img_align_celeba" / "000001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="corrupt CelebA image .*000001.jpg"):
+        ds[0]
+    text = (tmp_path / "list_attr_celeba.txt").read_text().replace(" -1", " 0", 1)
+    (tmp_path / "list_attr_celeba.txt").write_text(text)
+    with pytest.raises(ValueError, match="line 3"):
+        data.CelebA(tmp_path)
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.CelebA(tmp_path, "validation")
