@@ -1,6 +1,7 @@
 // Schemas of the fused task-specific batch norm ops. Kernels: cpu/ts_batch_norm_cpu.cpp,
 // cuda/ts_batch_norm_cuda.cu; fake impls and autograd: tsbn_kernels/kernels/cpp_ts_batch_norm.py.
 #include <torch/library.h>
+#include <torch/types.h>
 
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   // Functional forward. training: batch statistics of each task; otherwise the running statistics.
@@ -22,3 +23,33 @@ TORCH_LIBRARY_FRAGMENT(tsbn, m) {
       "ts_bn_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "Tensor count, float momentum, Tensor? momentum_per_task) -> ()");
 }
+
+namespace tsbn {
+namespace {
+
+// [T, C] tensor arithmetic in double, the same on every device and without a host sync: absent tasks get
+// factor 0 and stay untouched. Negligible next to the passes over x, so one device-generic kernel serves all.
+void ts_bn_update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                const at::Tensor& var, const at::Tensor& count, double momentum,
+                                const c10::optional<at::Tensor>& momentum_per_task) {
+  TORCH_CHECK_VALUE(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
+                        mean.sizes() == running_mean.sizes() && var.sizes() == running_mean.sizes() &&
+                        count.dim() == 1 && count.size(0) == running_mean.size(0),
+                    "ts_bn_update_running_stats: running stats, mean and var must be [T, C] and count [T]");
+  const at::Tensor n = count.to(at::kDouble);
+  at::Tensor f = momentum_per_task.has_value() && momentum_per_task->defined()
+                     ? momentum_per_task->to(n.options())
+                     : at::full_like(n, momentum);
+  f = at::where(n > 0, f, at::zeros_like(f)).unsqueeze(1);
+  const at::Tensor unbiased = var.to(at::kDouble) * (n / (n - 1).clamp_min(1)).unsqueeze(1);
+  running_mean.copy_(running_mean.to(at::kDouble).lerp(mean.to(at::kDouble), f));
+  running_var.copy_(running_var.to(at::kDouble).lerp(unbiased, f));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsbn, CompositeExplicitAutograd, m) {
+  m.impl("ts_bn_update_running_stats", &ts_bn_update_running_stats);
+}
+
+}  // namespace tsbn

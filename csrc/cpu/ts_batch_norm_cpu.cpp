@@ -479,47 +479,11 @@ _Pragma("omp simd")
   return {dx, dweight, dbias};
 }
 
-void ts_bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                                    const at::Tensor& var, const at::Tensor& count, double momentum,
-                                    const c10::optional<at::Tensor>& momentum_per_task) {
-  TORCH_CHECK_VALUE(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
-                        mean.sizes() == running_mean.sizes() && var.sizes() == running_mean.sizes() &&
-                        count.dim() == 1 && count.size(0) == running_mean.size(0),
-                    "ts_bn_update_running_stats: running stats, mean and var must be [T, C] and count [T]");
-  const int64_t T = running_mean.size(0), C = running_mean.size(1);
-  const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
-  const at::Tensor n = count.to(at::kDouble).contiguous();
-  at::Tensor f;
-  if (momentum_per_task.has_value() && momentum_per_task->defined()) {
-    TORCH_CHECK_VALUE(momentum_per_task->numel() == T, "ts_bn_update_running_stats: momentum_per_task must have ",
-                      T, " values");
-    f = momentum_per_task->to(at::kDouble).contiguous();
-  } else {
-    f = at::full({T}, momentum, at::TensorOptions().dtype(at::kDouble));
-  }
-  at::Tensor rm = running_mean.to(at::kDouble).contiguous(), rv = running_var.to(at::kDouble).contiguous();
-  double *rmp = rm.data_ptr<double>(), *rvp = rv.data_ptr<double>();
-  const double *mp = m.const_data_ptr<double>(), *vp = v.const_data_ptr<double>(), *np = n.const_data_ptr<double>();
-  const double* fp = f.const_data_ptr<double>();
-  for (int64_t t = 0; t < T; ++t) {
-    if (np[t] <= 0) continue;
-    const double unbias = np[t] > 1 ? np[t] / (np[t] - 1) : 1.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = t * C + c;
-      rmp[k] = (1 - fp[t]) * rmp[k] + fp[t] * mp[k];
-      rvp[k] = (1 - fp[t]) * rvp[k] + fp[t] * vp[k] * unbias;
-    }
-  }
-  running_mean.copy_(rm);
-  running_var.copy_(rv);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
   m.impl("ts_bn_forward", &ts_bn_forward_cpu);
   m.impl("ts_bn_backward", &ts_bn_backward_cpu);
-  m.impl("ts_bn_update_running_stats", &ts_bn_update_running_stats_cpu);
 }
 
 }  // namespace tsbn

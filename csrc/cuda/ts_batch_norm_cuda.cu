@@ -412,31 +412,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
   return {dx, dweight, dbias};
 }
 
-void ts_bn_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                                     const at::Tensor& var, const at::Tensor& count, double momentum,
-                                     const c10::optional<at::Tensor>& momentum_per_task) {
-  TORCH_CHECK_VALUE(running_mean.dim() == 2 && running_var.sizes() == running_mean.sizes() &&
-                        mean.sizes() == running_mean.sizes() && var.sizes() == running_mean.sizes() &&
-                        count.dim() == 1 && count.size(0) == running_mean.size(0),
-                    "ts_bn_update_running_stats: running stats, mean and var must be [T, C] and count [T]");
-  const c10::cuda::CUDAGuard guard(running_mean.device());
-  // [T, C] arithmetic in double without a host sync: absent tasks get factor 0 and stay untouched.
-  const at::Tensor n = count.to(at::kDouble);
-  at::Tensor f = momentum_per_task.has_value() && momentum_per_task->defined()
-                     ? momentum_per_task->to(n.options())
-                     : at::full_like(n, momentum);
-  f = at::where(n > 0, f, at::zeros_like(f)).unsqueeze(1);
-  const at::Tensor unbiased = var.to(at::kDouble) * (n / (n - 1).clamp_min(1)).unsqueeze(1);
-  running_mean.copy_(running_mean.to(at::kDouble).lerp(mean.to(at::kDouble), f));
-  running_var.copy_(running_var.to(at::kDouble).lerp(unbiased, f));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tsbn, CUDA, m) {
   m.impl("ts_bn_forward", &ts_bn_forward_cuda);
   m.impl("ts_bn_backward", &ts_bn_backward_cuda);
-  m.impl("ts_bn_update_running_stats", &ts_bn_update_running_stats_cuda);
 }
 
 }  // namespace tsbn

@@ -12,7 +12,8 @@ from .per_task_grads import OneBackward, _stack_losses, autograd_gradients
 
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
                         method: str = "mean", *, task_params: Sequence[Tensor] = (), capture: OneBackward | None = None,
-                        loss_weights: Tensor | None = None, check_finite: bool = True, **method_kwargs) -> dict:
+                        loss_weights: Tensor | None = None, check_finite: bool = True, backend: str = "auto",
+                        **method_kwargs) -> dict:
     """Like ``sum(losses).backward()``, but the shared parameters receive the aggregation of the per-task
     gradients (``method`` of tsbn_kernels.mtl) instead of their sum.
 
@@ -43,11 +44,11 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
         G = autograd_gradients(losses, shared)
         task_grads = (list(torch.autograd.grad(losses.sum(), task_params, allow_unused=True))
                       if task_params else [])
-    M = gramian(G)
+    M = gramian(G, backend=backend)
     if check_finite:
         raise_if_nonfinite(M)
     w = weights(M, method, **method_kwargs)
-    direction = combine(G, w.to(M.dtype))
+    direction = combine(G, w.to(M.dtype), backend=backend)
     offset = 0
     for p in shared:
         g = direction[offset:offset + p.numel()].view_as(p).to(p.dtype)

@@ -110,15 +110,8 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
                                             **kwargs)
                 else:
                     losses = losses_fn(model(batch["image"]), batch)
-                    G = mtl.autograd_gradients(losses, shared[name])
-                    direction = mtl.aggregate(G, method, backend="torch", **kwargs)
-                    offset = 0
-                    for p in shared[name]:
-                        p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
-                        offset += p.numel()
-                    grads = torch.autograd.grad(losses.sum(), task_params[name], allow_unused=True)
-                    for p, g in zip(task_params[name], grads):
-                        p.grad = g
+                    mtl.backward_aggregated(losses, shared[name], method, task_params=task_params[name],
+                                            backend="torch", **kwargs)
                 optimizers[name].step()
                 if device == "cuda":
                     torch.cuda.synchronize()
