@@ -140,7 +140,7 @@ def test_sync_batchnorm_and_3d_and_frozen_requires_grad():
     model[1].weight.requires_grad_(False)
     converted = tk.convert_batchnorm(model, 2, gate="none")
     assert type(converted[0]) is tk.TSBatchNorm and isinstance(converted[1], tk.TSBatchNorm3d)
-    assert converted[0].process_group is None
+    assert converted[0].process_group is None and converted[0].sync and not converted[1].sync
     assert not converted[1].weight.requires_grad and converted[1].bias.requires_grad
     y = converted(torch.randn(4, 4, 2, 3, 3))
     assert y.shape == (4, 4, 2, 3, 3)

@@ -40,7 +40,8 @@ def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
         scratch; ``gate_init="copy"`` sets w_t = logit(clamp(γ, 1e-3, 1 − 1e-3)), exact for 0 < γ < 1,
         for starting from a pretrained backbone. β is copied when the layer has a bias (``bias=True``)
         and dropped otherwise (σBN has no β by default).
-    SyncBatchNorm becomes the any-rank ``TSBatchNorm``; its process group is kept as ``process_group``.
+    SyncBatchNorm becomes the any-rank ``TSBatchNorm`` with ``sync=True`` and its ``process_group``: in training
+    under torch.distributed, task statistics are synchronised across processes (tsbn_kernels.sync_batch_norm).
     """
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_batchnorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
@@ -80,7 +81,7 @@ def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: b
             if bn.num_batches_tracked is not None:
                 ts.num_batches_tracked.fill_(int(bn.num_batches_tracked))
     if isinstance(bn, nn.SyncBatchNorm):
-        ts.process_group = bn.process_group
+        ts.sync, ts.process_group = True, bn.process_group
     ts.train(bn.training)
     return ts
 

@@ -23,6 +23,8 @@ def ts_batch_norm(
     backend: str = "auto",
     num_tasks: int | None = None,
     num_batches_tracked: Tensor | None = None,
+    sync: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Task-specific (sigmoid) batch norm of ``x`` [N, C, *spatial] with per-task ``weight``/``bias`` [T, C].
 
@@ -34,10 +36,19 @@ def ts_batch_norm(
     Running statistics [T, C] are updated in place in training, like ``F.batch_norm``; ``momentum=None``
     gives the cumulative average and needs ``num_batches_tracked`` [T] (int64), which is advanced for every
     task present in the batch whatever the momentum. ``num_tasks`` is needed only when no per-task tensor
-    is given (affine=False and no running statistics).
+    is given (affine=False and no running statistics). ``sync=True`` in training, with torch.distributed
+    initialised and more than one process in ``process_group``, normalises each task with the statistics of its
+    samples on every process (tsbn_kernels.sync_batch_norm; eager PyTorch, whatever ``backend`` says).
     """
     layout = validation.check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_tasks,
                                          num_batches_tracked, training, momentum, eps, gate, activation)
+    if sync and training and _distributed(process_group):
+        from .sync_batch_norm import sync_ts_batch_norm
+
+        return sync_ts_batch_norm(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
+                                  num_tasks=layout.num_tasks, momentum=momentum, eps=float(eps), gate=gate,
+                                  activation=activation, num_batches_tracked=num_batches_tracked,
+                                  process_group=process_group)
     factor: float | Tensor = 0.0 if momentum is None else float(momentum)
     if training and running_mean is not None and num_batches_tracked is not None:
         with torch.no_grad():
@@ -52,6 +63,12 @@ def ts_batch_norm(
     return impl(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
                 num_tasks=layout.num_tasks, training=training, momentum=factor, eps=float(eps), gate=gate,
                 activation=activation)
+
+
+def _distributed(process_group) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
 def ts_layer_norm(

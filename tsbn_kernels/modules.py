@@ -44,6 +44,8 @@ class _TSBatchNorm(nn.Module):
         self.gate = gate
         self.activation = activation
         self.backend = backend
+        self.sync = False            # cross-process statistics: tsbn_kernels.sync_batch_norm.convert_sync
+        self.process_group = None
         shape = (num_tasks, num_features)
         if affine:
             self.weight = nn.Parameter(torch.empty(shape, **factory))
@@ -104,6 +106,7 @@ class _TSBatchNorm(nn.Module):
             task_ids=task_ids, training=batch_stats, momentum=self.momentum, eps=self.eps, gate=self.gate,
             activation=self.activation, backend=self.backend, num_tasks=self.num_tasks,
             num_batches_tracked=self.num_batches_tracked if self.training and self.track_running_stats else None,
+            sync=self.sync, process_group=self.process_group,
         )
 
     @torch.no_grad()
