@@ -166,3 +166,25 @@ def test_gate_param_groups():
     torch.optim.Adam(groups)  # accepted as-is
     plain = tk.convert_batchnorm(trained_resnet(), 3, gate="none")
     assert [g["name"] for g in tk.gate_param_groups(plain, 1e-3)] == ["shared"]
+
+
+def test_convert_layernorm_gate_none_reproduces_the_model_and_sigmoid_inits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Sequential(nn.LayerNorm(8)))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.2, 0.9)
+        model[1].bias.normal_()
+    model = model.double()
+    x = torch.randn(6, 5, 6, dtype=torch.float64)
+    expected = model(x)
+    converted = tk.convert_layernorm(copy.deepcopy(model), 3, gate="none")
+    assert isinstance(converted[1], tk.TSLayerNorm) and isinstance(converted[3][0], tk.TSLayerNorm)
+    assert converted[1].weight.shape == (3, 8) and converted[1].weight.dtype == torch.float64
+    torch.testing.assert_close(converted(x), expected)       # every task a copy: same function on any block
+    copied = tk.convert_layernorm(copy.deepcopy(model), 2, gate_init="copy")
+    torch.testing.assert_close(torch.sigmoid(copied[1].weight[1]), model[1].weight)
+    assert copied[1].bias is None
+    drawn = tk.convert_layernorm(copy.deepcopy(model), 2)
+    assert not torch.allclose(drawn[1].weight[0], drawn[1].weight[1])
+    with pytest.raises(ValueError, match="gate_init"):
+        tk.convert_layernorm(model, 2, gate_init="zeros")

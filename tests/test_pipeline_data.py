@@ -40,7 +40,7 @@ def test_augmentation_scales_depth_and_flips_normals(tmp_path):
     plain = data.DenseDataset("nyuv2", tmp_path)[0]
     seen_scales, seen_flip = set(), False
     for seed in range(12):
-        out = data.DenseDataset("nyuv2", tmp_path, augment=True, generator=torch.Generator().manual_seed(seed))[0]
+        out = data.DenseDataset("nyuv2", tmp_path, augment=True, seed=seed)[0]
         assert out["image"].shape == (3, 30, 40) and out["segmentation"].dtype == torch.long
         valid = out["depth"] > 0
         # Depth values are original values divided by the crop's scale.
@@ -53,6 +53,17 @@ def test_augmentation_scales_depth_and_flips_normals(tmp_path):
             torch.testing.assert_close(out["normal"][0], -plain["normal"][0].flip(-1))
             torch.testing.assert_close(out["normal"][1:], plain["normal"][1:].flip(-1))
     assert len(seen_scales) >= 2 and seen_flip
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    dense_data.synthesize("cityscapes", tmp_path, 3, size=(24, 32))
+    dataset = data.DenseDataset("cityscapes", tmp_path, augment=True, seed=5)
+    dataset.set_epoch(2)
+    forward = [dataset[i]["image"] for i in range(3)]
+    backward = [dataset[i]["image"] for i in reversed(range(3))][::-1]     # loading order does not matter
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    dataset.set_epoch(3)
+    assert any(not torch.equal(a, dataset[i]["image"]) for i, a in enumerate(forward))
 
 
 def test_missing_and_corrupt_files_are_named(tmp_path):

@@ -77,3 +77,61 @@ def test_delta_m_conventions():
     assert metrics.delta_m_per_task(per_task, base) == pytest.approx(-10.0)
     with pytest.raises(ValueError, match="no metric in common"):
         metrics.delta_m({"f1": 1.0}, base)
+
+
+def logit(p):
+    p = torch.as_tensor(p, dtype=torch.float64)
+    return torch.log(p / (1 - p))
+
+
+def test_saliency_max_f_beta_and_miou_over_thresholds():
+    sal = metrics.Saliency()
+    probs = [0.905, 0.805, 0.305, 0.105]
+    truth = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # Split over two batches: the counts of the whole split decide, not per-batch scores.
+    sal.update(logit(probs[:2]).view(1, 1, 1, 2), truth[:2].view(1, 1, 1, 2))
+    sal.update(logit(probs[2:]).view(1, 1, 1, 2), truth[2:].view(1, 1, 1, 2))
+    out = sal.compute()
+    # threshold in (0.805, 0.905): P = 1, R = 1/2 -> F_0.3 = 1.3·0.5 / (0.3 + 0.5); other thresholds score lower.
+    assert out["max_f"] == pytest.approx(1.3 * 0.5 / 0.8)
+    # IoU(fg) = 1/2, IoU(bg) = 2/3 there, and 2/3, 1/2 for thresholds in (0.105, 0.305).
+    assert out["miou"] == pytest.approx(7 / 12)
+
+
+def test_edge_proxy_ods_f_with_the_distance_tolerance():
+    truth = torch.zeros(1, 1, 8, 8)
+    truth[..., :, 3] = 1
+    prob = torch.full((1, 1, 8, 8), 0.05, dtype=torch.float64)
+    prob[..., 0:4, 4] = 0.9          # next to the true edge: within the 1-pixel tolerance
+    prob[..., :, 7] = 0.95           # far from it
+    edges = metrics.Edges()
+    edges.update(logit(prob), truth)
+    # θ in (0.05, 0.9): P = 4/12, R = 5/8 (row 4 of the edge is diagonal to row 3 of the prediction) -> 10/23;
+    # θ < 0.05: every pixel predicted, P = 24/64 (columns 2..4 lie near the edge), R = 1 -> 6/11, the best.
+    assert edges.compute()["ods_f"] == pytest.approx(6 / 11)
+
+
+def test_pascal_metrics_have_task_prefixed_keys_and_delta_m_only_with_a_baseline():
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 2, 16, 16
+    outputs = {"segmentation": torch.randn(n, 21, h, w, generator=g), "human_parts": torch.randn(n, 7, h, w, generator=g),
+               "saliency": torch.randn(n, 1, h, w, generator=g), "normal": torch.randn(n, 3, h, w, generator=g),
+               "edge": torch.randn(n, 1, h, w, generator=g)}
+    batch = {"segmentation": torch.randint(-1, 21, (n, h, w), generator=g),
+             "human_parts": torch.randint(-1, 7, (n, h, w), generator=g),
+             "saliency": (torch.rand(n, 1, h, w, generator=g) > 0.5).float(),
+             "normal": torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=g), dim=1),
+             "edge": (torch.rand(n, 1, h, w, generator=g) > 0.9).float()}
+    plain = metrics.BenchmarkMetrics("pascal")
+    plain.update(outputs, batch)
+    result = plain.compute()
+    assert set(result) == {"seg_miou", "seg_pix_acc", "parts_miou", "parts_pix_acc", "sal_max_f", "sal_miou",
+                           "normal_mean_angle", "normal_median_angle", "edge_ods_f"}
+    assert 0 < result["seg_miou"] < 0.2 and 60 < result["normal_mean_angle"] < 120
+    baseline = {"seg_miou": result["seg_miou"] * 2, "normal_mean_angle": result["normal_mean_angle"]}
+    with_baseline = metrics.BenchmarkMetrics("pascal", baseline=baseline)
+    with_baseline.update(outputs, batch)
+    # seg mIoU at half its baseline: +50 %; normals equal to theirs: 0 -> Δm = 25 %.
+    assert with_baseline.compute()["delta_m"] == pytest.approx(25.0)
+    nyu = metrics.BenchmarkMetrics("nyuv2")
+    assert nyu.baseline == metrics.BASELINES["nyuv2"]

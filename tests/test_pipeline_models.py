@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tsbn_kernels as tk
-from tsbn_kernels.pipeline import check, models
+from tsbn_kernels.pipeline import check, models, vit
 
 
 def test_resnet50_has_torchvision_names_and_loads_a_checkpoint(tmp_path):
@@ -50,6 +50,54 @@ def test_outputs_and_replicated_batch(norm):
         # Converted with gate none, every task starts as a copy of the original norm: all blocks agree.
         for t in range(3):
             assert torch.equal(model.encoder.bn1.weight[t], model.encoder.bn1.weight[0])
+
+
+@pytest.mark.parametrize("norm", models.NORMS)
+def test_pascal_vit_outputs_replicated_batch_and_task_specific_layer_norms(norm):
+    torch.manual_seed(0)
+    model = models.build_model("pascal", norm=norm, width=4, head_width=8, image_size=(32, 48)).double()
+    norms = [m for m in model.encoder.modules() if isinstance(m, (torch.nn.LayerNorm, tk.TSLayerNorm))]
+    assert len(norms) == 2 * 12 + 1
+    assert all(isinstance(m, tk.TSLayerNorm if norm != "bn" else torch.nn.LayerNorm) for m in norms)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    out = model(x)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "segmentation": (2, 21, 32, 48), "human_parts": (2, 7, 32, 48), "saliency": (2, 1, 32, 48),
+        "normal": (2, 3, 32, 48), "edge": (2, 1, 32, 48)}
+    twin = copy.deepcopy(model)
+    twin.stem_once = False
+    for k, v in twin(x).items():
+        torch.testing.assert_close(v, out[k])
+    # Another input size resizes the position embedding instead of failing.
+    assert model(torch.randn(1, 3, 64, 16, dtype=torch.float64))["edge"].shape == (1, 1, 64, 16)
+    if norm != "bn":
+        # Task t's output depends on task t's gates only.
+        with torch.no_grad():
+            model.encoder.blocks[3].norm2.weight[1].add_(1.0)
+        changed = model(x)
+        torch.testing.assert_close(changed["segmentation"], out["segmentation"])
+        assert not torch.allclose(changed["human_parts"], out["human_parts"])
+
+
+def test_pascal_resnet_option_and_vit_loads_a_timm_checkpoint(tmp_path):
+    model = models.build_model("pascal", arch="resnet50", width=4, head_width=8)
+    assert isinstance(model.encoder.layer1[0].bn1, tk.TSBatchNorm2d)
+    vit_model = vit.vit_small(image_size=(224, 224), width=4)
+    state = {k: torch.randn_like(v) for k, v in vit_model.state_dict().items()}
+    state["head.weight"], state["head.bias"] = torch.randn(1000, 24), torch.randn(1000)
+    torch.save(state, tmp_path / "vit_s.pth")
+    model = models.build_model("pascal", norm="tsbn", width=4, head_width=8, image_size=(64, 64),
+                               pretrained=str(tmp_path / "vit_s.pth"))
+    torch.testing.assert_close(model.encoder.blocks[5].attn.qkv.weight, state["blocks.5.attn.qkv.weight"])
+    assert model.encoder.pos_embed.shape == (1, 1 + 16, 24)          # resized from the 14×14 grid
+    torch.testing.assert_close(model.encoder.pos_embed[0, 0], state["pos_embed"][0, 0])
+    torch.testing.assert_close(model.encoder.blocks[0].norm1.weight[2], state["blocks.0.norm1.weight"])
+    del state["blocks.0.norm1.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="missing"):
+        models.build_model("pascal", width=4, image_size=(64, 64), pretrained=str(tmp_path / "broken.pth"))
+    with pytest.raises(ValueError, match="arch must be one of"):
+        models.build_model("nyuv2", arch="vit_s")
 
 
 def test_celeba_model_has_40_heads():

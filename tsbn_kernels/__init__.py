@@ -9,14 +9,14 @@ import torch
 from . import _extension, reference  # _extension: loads the compiled ops, if built
 from ._version import __version__
 from .context import task_ids
-from .convert import convert_batchnorm, gate_param_groups
+from .convert import convert_batchnorm, convert_layernorm, gate_param_groups
 from .dispatch import available_backends
 from .functional import ts_batch_norm, ts_layer_norm
 from .modules import TSBatchNorm, TSBatchNorm1d, TSBatchNorm2d, TSBatchNorm3d, TSLayerNorm
 
 __all__ = [
     "TSBatchNorm", "TSBatchNorm1d", "TSBatchNorm2d", "TSBatchNorm3d", "TSLayerNorm", "__version__",
-    "available_backends", "convert_batchnorm", "gate_param_groups", "reference", "task_ids", "ts_batch_norm",
+    "available_backends", "convert_batchnorm", "convert_layernorm", "gate_param_groups", "reference", "task_ids", "ts_batch_norm",
     "ts_layer_norm",
 ]
 

@@ -86,6 +86,42 @@ def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: b
     return ts
 
 
+def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", bias: bool | None = None, *,
+                      gate_init: str = "normal", backend: str = "auto") -> nn.Module:
+    """Replace every ``nn.LayerNorm`` in ``module`` by a ``TSLayerNorm`` (TSσLN for transformers), in place, with
+    the same initialisation rules as :func:`convert_batchnorm`: ``gate="none"`` copies γ (and β) to every task,
+    so the converted model computes the original function; ``gate="sigmoid"`` draws the gate logits from N(0, 1)
+    (``gate_init="normal"``) or sets them to logit(clamp(γ)) (``gate_init="copy"``). β is kept when the result
+    has a bias (``bias=None`` means: a bias for ``gate="none"``, none for ``gate="sigmoid"``)."""
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"convert_layernorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+    if isinstance(module, nn.LayerNorm):
+        return _convert_layer_norm(module, num_tasks, gate, bias, gate_init, backend)
+    for name, child in module.named_children():
+        converted = convert_layernorm(child, num_tasks, gate, bias, gate_init=gate_init, backend=backend)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
+                        backend: str) -> nn.Module:
+    factory = {} if ln.weight is None else {"device": ln.weight.device, "dtype": ln.weight.dtype}
+    ts = modules.TSLayerNorm(ln.normalized_shape, num_tasks, eps=ln.eps, gate=gate, bias=bias, backend=backend,
+                             **factory)
+    with torch.no_grad():
+        if ln.weight is not None:
+            if gate == "none":
+                ts.weight.copy_(ln.weight.expand_as(ts.weight))
+            elif gate_init == "copy":
+                ts.weight.copy_(torch.logit(ln.weight.clamp(1e-3, 1 - 1e-3)).expand_as(ts.weight))
+            ts.weight.requires_grad_(ln.weight.requires_grad)
+        if ts.bias is not None and ln.bias is not None:
+            ts.bias.copy_(ln.bias.expand_as(ts.bias))
+    ts.train(ln.training)
+    return ts
+
+
 def gate_param_groups(model: nn.Module, lr: float, gate_lr_mult: float = 10.0, weight_decay: float = 0.0
                       ) -> list[dict]:
     """Optimizer parameter groups: the sigmoid gates at ``lr · gate_lr_mult`` without weight decay, as the σBN

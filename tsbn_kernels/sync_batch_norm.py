@@ -78,12 +78,58 @@ def sync_ts_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     return y.to(x.dtype)
 
 
+class DistributedBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """A plain BatchNorm{1,2,3}d whose training statistics span every process, on any device and backend
+    (``nn.SyncBatchNorm`` refuses CPU tensors, so gloo runs cannot use it). Same parameters, buffers and
+    state_dict as the BatchNorm it replaces; one process, or eval mode, is exactly ``F.batch_norm``. It is the
+    one-task case of the task-specific sync path."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"DistributedBatchNorm expects [N, C, ...] input, got shape {tuple(input.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        group = self.process_group or dist.group.WORLD
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(group) > 1):
+            return super().forward(x)
+        track = self.track_running_stats and self.running_mean is not None
+        row = (lambda t: None if t is None else t.view(1, *t.shape))
+        return sync_ts_batch_norm(
+            x, row(self.weight), row(self.bias), row(self.running_mean) if track else None,
+            row(self.running_var) if track else None, task_ids=None, num_tasks=1, momentum=self.momentum,
+            eps=self.eps, gate="none", activation=None,
+            num_batches_tracked=self.num_batches_tracked.view(1) if track else None, process_group=group)
+
+
 def convert_sync(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-    """Switch every TS batch-norm layer of ``module`` to cross-process statistics (in place; returns it)."""
+    """Make every normalisation of ``module`` use the statistics of all processes (in place; returns the module,
+    or its replacement when ``module`` itself is a BatchNorm): TS batch-norm layers switch to sync mode, plain
+    BatchNorm{1,2,3}d become DistributedBatchNorm (same state). LayerNorms need nothing: their statistics are
+    per sample."""
     from .modules import _TSBatchNorm
 
-    for m in module.modules():
-        if isinstance(m, _TSBatchNorm):
-            m.sync = True
-            m.process_group = process_group
+    if isinstance(module, _TSBatchNorm):
+        module.sync, module.process_group = True, process_group
+        return module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
+        reference = module.weight if module.weight is not None else module.running_mean
+        factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+        replacement = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                           module.track_running_stats, process_group=process_group, **factory)
+        replacement.load_state_dict(module.state_dict())
+        if module.affine:
+            replacement.weight.requires_grad_(module.weight.requires_grad)
+            replacement.bias.requires_grad_(module.bias.requires_grad)
+        replacement.train(module.training)
+        return replacement
+    for name, child in module.named_children():
+        converted = convert_sync(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
     return module

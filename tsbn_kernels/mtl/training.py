@@ -13,7 +13,7 @@ from .per_task_grads import OneBackward, _stack_losses, autograd_gradients
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
                         method: str = "mean", *, task_params: Sequence[Tensor] = (), capture: OneBackward | None = None,
                         loss_weights: Tensor | None = None, check_finite: bool = True, backend: str = "auto",
-                        **method_kwargs) -> dict:
+                        distributed: bool = False, process_group=None, **method_kwargs) -> dict:
     """Like ``sum(losses).backward()``, but the shared parameters receive the aggregation of the per-task
     gradients (``method`` of tsbn_kernels.mtl) instead of their sum.
 
@@ -21,13 +21,22 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     given — its ``params`` are then the shared parameters — else from T autograd passes over
     ``shared_params``. ``task_params`` (heads, task-specific norms) get their ordinary gradient of
     Σ_t loss_weights[t]·losses[t]. Gradients accumulate into .grad, as backward() does.
-    Returns {"weights": w [T], "gramian": M [T, T], "grad_norms": |g_t| [T]} for logging and GradNorm.
+    Returns {"weights": w [T], "gramian": M [T, T], "grad_norms": |g_t| [T], "losses": [T]} for logging and
+    GradNorm.
+
+    ``distributed=True`` (data-parallel training, each process holding a shard of the batch): G and the
+    task-parameter gradients are averaged across the processes of ``process_group`` before the Gramian, as
+    DDP averages gradients, so every process solves the same problem and takes the same step; the returned
+    losses are the processes' mean, and a non-finite loss on any process raises on all of them.
     """
     from . import raise_if_nonfinite, weights
 
     losses = _stack_losses(losses)
+    reported = losses.detach().clone()
+    if distributed:
+        average_across_ranks_([reported], process_group)
     if check_finite:
-        bad = ~torch.isfinite(losses.detach())
+        bad = ~torch.isfinite(reported)
         if bool(bad.any()):   # name the culprits before autograd's 0·NaN spreads NaN to every task's gradient
             raise ValueError(f"the losses of task(s) {bad.nonzero().flatten().tolist()} are NaN or Inf: "
                              f"{losses.detach().tolist()}")
@@ -57,4 +66,22 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     for p, g in zip(task_params, task_grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
-    return {"weights": w.detach(), "gramian": M.detach(), "grad_norms": M.diagonal().clamp_min(0).sqrt().detach()}
+    return {"weights": w.detach(), "gramian": M.detach(), "grad_norms": M.diagonal().clamp_min(0).sqrt().detach(),
+            "losses": reported}
+
+
+def average_across_ranks_(tensors: Sequence[Tensor], process_group=None) -> None:
+    """Average tensors across the processes in place with one all_reduce of their concatenation (as DDP's
+    gradient buckets do)."""
+    import torch.distributed as dist
+
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.promote_types(t.dtype, torch.float32)) for t in tensors])
+    dist.all_reduce(flat, group=process_group)
+    flat /= dist.get_world_size(process_group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -17,30 +17,15 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import mtl
 from .dense_data import DenseDataset, synthesize
+from .losses import celeba_losses, dense_losses
 from .models import DENSE_TASKS, build_model
 
 BENCHMARKS = ("nyuv2", "cityscapes", "celeba")
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-7}
-
-
-def dense_losses(outputs: dict, batch: dict) -> torch.Tensor:
-    losses = []
-    for task, out in outputs.items():
-        if task == "segmentation":
-            losses.append(F.cross_entropy(out, batch["segmentation"], ignore_index=-1))
-        elif task == "depth":
-            valid = batch["depth"] > 0
-            losses.append((out - batch["depth"]).abs()[valid].mean())
-        elif task == "normal":
-            valid = batch["normal"].abs().sum(dim=1) > 0
-            cos = F.cosine_similarity(out, batch["normal"], dim=1)
-            losses.append((1 - cos)[valid].mean())
-    return torch.stack(losses)
 
 
 def celeba_batches(steps: int, n: int, size: int, generator: torch.Generator):
@@ -53,18 +38,13 @@ def celeba_batches(steps: int, n: int, size: int, generator: torch.Generator):
         yield {"image": images, "attributes": attrs}
 
 
-def celeba_losses(outputs: dict, batch: dict) -> torch.Tensor:
-    return torch.stack([F.binary_cross_entropy_with_logits(out.squeeze(1), batch["attributes"][:, k])
-                        for k, out in enumerate(outputs.values())])
-
-
 def batches(benchmark: str, steps: int, n: int, size, workdir: str):
     generator = torch.Generator().manual_seed(0)
     if benchmark == "celeba":
         yield from celeba_batches(steps, n, size[0], generator)
         return
     root = synthesize(benchmark, workdir, n * steps, size=size).parent
-    data = DenseDataset(benchmark, root, augment=True, generator=generator)
+    data = DenseDataset(benchmark, root, augment=True, seed=0)
     loader = torch.utils.data.DataLoader(data, batch_size=n, shuffle=False)
     yield from loader
 

@@ -51,10 +51,12 @@ class DenseDataset(torch.utils.data.Dataset):
     [H, W] long (−1 ignore), depth [1, H, W] (0 invalid), and for NYUv2 normal [3, H, W] (0 invalid).
 
     ``augment=True`` applies the MTAN/LibMTL augmentation: a random scale s ∈ {1, 1.2, 1.5} crop resized back
-    to full size (depth divided by s, labels by nearest neighbour) and a horizontal flip (normal x negated)."""
+    to full size (depth divided by s, labels by nearest neighbour) and a horizontal flip (normal x negated).
+    The draws of sample i are a function of (seed, epoch, i) alone — see ``sample_generator`` — so they do not
+    depend on the loading order, the number of DataLoader workers or of DDP ranks."""
 
     def __init__(self, spec: DenseSpec | str, root: str | os.PathLike, split: str = "train", augment: bool = False,
-                 generator: torch.Generator | None = None):
+                 seed: int = 0):
         self.spec = SPECS[spec] if isinstance(spec, str) else spec
         self.dir = pathlib.Path(root) / split
         image_dir = self.dir / self.spec.folders["image"]
@@ -65,7 +67,10 @@ class DenseDataset(torch.utils.data.Dataset):
         if not self.indices:
             raise FileNotFoundError(f"{self.spec.name}: {image_dir} holds no .npy files")
         self.augment = augment
-        self.generator = generator
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -85,7 +90,14 @@ class DenseDataset(torch.utils.data.Dataset):
         shapes = {k: tuple(v.shape[-2:]) for k, v in out.items()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
-        return random_scale_flip(out, self.generator) if self.augment else out
+        if not self.augment:
+            return out
+        return random_scale_flip(out, sample_generator(self.seed, self.epoch, item))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The augmentation generator of one sample in one epoch (a fixed function of the three numbers)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 63))
 
 
 def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:

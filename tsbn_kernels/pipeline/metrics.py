@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BASELINES = {
@@ -20,6 +21,13 @@ BASELINES = {
 HIGHER_IS_BETTER = {"miou": True, "pix_acc": True, "abs_err": False, "rel_err": False, "mean_angle": False,
                     "median_angle": False, "within_11.25": True, "within_22.5": True, "within_30": True,
                     "accuracy": True, "f1": True, "max_f": True, "ods_f": True}
+# PASCAL-Context reports five tasks whose metric names collide (two mIoUs), so its keys carry the task.
+HIGHER_IS_BETTER.update({"seg_miou": True, "seg_pix_acc": True, "parts_miou": True, "parts_pix_acc": True,
+                         "sal_max_f": True, "sal_miou": True, "normal_mean_angle": False, "normal_median_angle": False,
+                         "edge_ods_f": True})
+# The metrics Δm averages over for PASCAL-Context (the MTI-Net / ATRC convention: one per task). No published
+# single-task baseline is built in: it depends on the backbone; pass one with tsbn-train --baseline FILE.
+PASCAL_DELTA_KEYS = ("seg_miou", "parts_miou", "sal_max_f", "normal_mean_angle", "edge_ods_f")
 
 
 class Segmentation:
@@ -124,6 +132,85 @@ class BinaryAttributes:
         return {k: v.mean().item() for k, v in self.per_attribute().items()}
 
 
+THRESHOLDS = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+
+
+def _count_above(values: Tensor) -> Tensor:
+    """[K] float64: how many of ``values`` exceed each of the K thresholds, from one histogram (no [K, pixels]
+    tensor): bucketize gives b = #thresholds below a value, so the value exceeds thresholds 0..b−1."""
+    thresholds = THRESHOLDS.to(values.device, torch.float32)
+    buckets = torch.bucketize(values.float().flatten(), thresholds)
+    hist = torch.bincount(buckets, minlength=len(THRESHOLDS) + 1).double().cpu()
+    return hist.flip(0).cumsum(0).flip(0)[1:]
+
+
+class Saliency:
+    """Binary saliency from logits [N, 1, H, W] against 0/1 maps, over the split: per threshold of the sigmoid,
+    the precision/recall counts of the whole split; ``max_f`` is the best F_β with β² = 0.3 (the saliency
+    convention) and ``miou`` the best mean IoU of foreground and background, both over the thresholds."""
+
+    BETA2 = 0.3
+
+    def __init__(self):
+        self.tp = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
+        self.pred = torch.zeros_like(self.tp)
+        self.truth = self.pixels = 0.0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        prob = torch.sigmoid(logits.float())
+        truth = target.reshape(prob.shape) > 0.5
+        self.tp += _count_above(prob[truth])
+        self.pred += _count_above(prob)
+        self.truth += float(truth.sum())
+        self.pixels += prob.numel()
+
+    def compute(self) -> dict[str, float]:
+        fp, fn = self.pred - self.tp, self.truth - self.tp
+        tn = self.pixels - self.tp - fp - fn
+        precision = self.tp / self.pred.clamp_min(1)
+        recall = self.tp / max(self.truth, 1.0)
+        f = (1 + self.BETA2) * precision * recall / (self.BETA2 * precision + recall).clamp_min(1e-12)
+        iou_fg = self.tp / (self.tp + fp + fn).clamp_min(1)
+        iou_bg = tn / (tn + fp + fn).clamp_min(1)
+        return {"max_f": f.max().item(), "miou": ((iou_fg + iou_bg) / 2).max().item()}
+
+
+class Edges:
+    """Boundary detection from logits [N, 1, H, W] against 0/1 edge maps: a documented proxy of BSDS odsF.
+
+    Per threshold over the split, a predicted edge pixel is a true positive when a ground-truth edge lies within
+    ``tolerance`` × the image diagonal (BSDS maxDist 0.0075), and a ground-truth pixel is recalled when a
+    prediction lies within that radius; ``ods_f`` is the best F1 over thresholds with one threshold for the
+    whole split. Unlike the BSDS benchmark there is no non-maximum suppression and no one-to-one matching, so
+    thick predictions are not penalised: compare runs with this proxy, not with published odsF numbers."""
+
+    def __init__(self, tolerance: float = 0.0075):
+        self.tolerance = tolerance
+        self.pred = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
+        self.matched_pred = torch.zeros_like(self.pred)
+        self.matched_truth = torch.zeros_like(self.pred)
+        self.truth = 0.0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        height, width = target.shape[-2:]
+        radius = max(1, math.ceil(self.tolerance * math.hypot(height, width)))
+        prob = torch.sigmoid(logits.float()).reshape(-1, 1, height, width)
+        truth = (target.float().reshape(-1, 1, height, width) > 0.5).float()
+        near_truth = F.max_pool2d(truth, 2 * radius + 1, 1, radius) > 0
+        # A truth pixel is recalled at threshold θ iff the largest probability within the radius exceeds θ.
+        best_near = F.max_pool2d(prob, 2 * radius + 1, 1, radius)
+        self.pred += _count_above(prob)
+        self.matched_pred += _count_above(prob[near_truth])
+        self.matched_truth += _count_above(best_near[truth > 0])
+        self.truth += float(truth.sum())
+
+    def compute(self) -> dict[str, float]:
+        precision = self.matched_pred / self.pred.clamp_min(1)
+        recall = self.matched_truth / max(self.truth, 1.0)
+        f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+        return {"ods_f": f.max().item()}
+
+
 def delta_m(metrics: dict[str, float], baseline: dict[str, float]) -> float:
     """Δm% = (100/K) Σ_k (−1)^{δ_k} (M_k − B_k) / B_k, δ_k = 1 when higher is better; lower Δm is better."""
     keys = [k for k in baseline if k in metrics]
@@ -140,3 +227,52 @@ def delta_m_per_task(task_metrics: dict[str, dict[str, float]], baseline: dict[s
     """LibMTL's variant: Δm of each task's own metrics first, then the mean over tasks."""
     values = [delta_m(m, baseline) for m in task_metrics.values()]
     return sum(values) / len(values) if values else math.nan
+
+
+class BenchmarkMetrics:
+    """Every metric of one benchmark over a split: ``update(outputs, batch)`` per batch, then ``compute()``, which
+    adds ``delta_m`` when a single-task baseline is known (built in for NYUv2 and Cityscapes, or given)."""
+
+    def __init__(self, benchmark: str, num_classes: dict[str, int] | None = None,
+                 baseline: dict[str, float] | None = None):
+        self.benchmark = benchmark
+        self.baseline = baseline if baseline is not None else BASELINES.get(benchmark)
+        num_classes = num_classes or {}
+        if benchmark == "celeba":
+            self.parts = {"attributes": BinaryAttributes(40)}
+        elif benchmark == "pascal":
+            self.parts = {"segmentation": Segmentation(num_classes.get("segmentation", 21)),
+                          "human_parts": Segmentation(num_classes.get("human_parts", 7)),
+                          "saliency": Saliency(), "normal": Normals(), "edge": Edges()}
+        elif benchmark in ("nyuv2", "cityscapes"):
+            self.parts = {"segmentation": Segmentation(num_classes.get("segmentation",
+                                                                       13 if benchmark == "nyuv2" else 7)),
+                          "depth": Depth()}
+            if benchmark == "nyuv2":
+                self.parts["normal"] = Normals()
+        else:
+            raise ValueError(f"no metrics for benchmark {benchmark!r}")
+
+    def update(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        if self.benchmark == "celeba":
+            self.parts["attributes"].update(torch.cat([o.float() for o in outputs.values()], dim=1),
+                                            batch["attributes"])
+            return
+        for task, metric in self.parts.items():
+            metric.update(outputs[task].float(), batch[task])
+
+    def compute(self) -> dict[str, float]:
+        if self.benchmark != "pascal":
+            result = {k: v for metric in self.parts.values() for k, v in metric.compute().items()}
+        else:
+            prefixes = {"segmentation": "seg", "human_parts": "parts", "saliency": "sal", "normal": "normal",
+                        "edge": "edge"}
+            result = {}
+            for task, metric in self.parts.items():
+                values = metric.compute()
+                if task == "normal":
+                    values = {k: values[k] for k in ("mean_angle", "median_angle")}
+                result.update({f"{prefixes[task]}_{k}": v for k, v in values.items()})
+        if self.baseline:
+            result["delta_m"] = delta_m(result, self.baseline)
+        return result

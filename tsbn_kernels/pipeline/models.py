@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import convert_batchnorm
-from ..modules import _TSBatchNorm
+from ..convert import convert_batchnorm, convert_layernorm
+from ..modules import TSLayerNorm, _TSBatchNorm
+from .vit import VisionTransformer, load_timm_state, vit_small
 
 NORMS = ("bn", "tsbn", "tssigmabn")
 
@@ -152,8 +153,9 @@ class MultiTaskNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm, self.tasks = norm, list(heads)
         if norm != "bn":
-            encoder = convert_batchnorm(encoder, len(heads), gate="none" if norm == "tsbn" else "sigmoid",
-                                        backend=backend)
+            gate = "none" if norm == "tsbn" else "sigmoid"
+            encoder = convert_batchnorm(encoder, len(heads), gate=gate, backend=backend)
+            encoder = convert_layernorm(encoder, len(heads), gate=gate, backend=backend)
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
 
@@ -163,7 +165,7 @@ class MultiTaskNet(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         for m in self.encoder.modules():
-            if isinstance(m, _TSBatchNorm):
+            if isinstance(m, (_TSBatchNorm, TSLayerNorm)):
                 m.backend = backend
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -177,28 +179,57 @@ class MultiTaskNet(nn.Module):
         return out
 
 
-DENSE_TASKS = {"nyuv2": {"segmentation": 13, "depth": 1, "normal": 3}, "cityscapes": {"segmentation": 7, "depth": 1}}
+class DenseHead(nn.Module):
+    """The light head of ViT dense prediction: 3×3 conv, BN, ReLU, 1×1 classifier on the patch-token map."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 256):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.classifier = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.relu(self.bn(self.conv(x))))
+
+
+DENSE_TASKS = {"nyuv2": {"segmentation": 13, "depth": 1, "normal": 3}, "cityscapes": {"segmentation": 7, "depth": 1},
+               "pascal": {"segmentation": 21, "human_parts": 7, "saliency": 1, "normal": 3, "edge": 1}}
+ARCHS = {"nyuv2": ("resnet50",), "cityscapes": ("resnet50",), "celeba": ("resnet18",), "pascal": ("vit_s", "resnet50")}
 
 
 def build_model(benchmark: str, norm: str = "tssigmabn", width: int = 64, head_width: int = 256,
-                backend: str = "auto", pretrained: str | None = None) -> MultiTaskNet:
+                backend: str = "auto", pretrained: str | None = None, arch: str | None = None,
+                image_size: tuple[int, int] = (512, 512)) -> MultiTaskNet:
     """NYUv2 / Cityscapes: dilated ResNet-50 + one ASPP head per task; CelebA: ResNet-18 + one linear head per
-    attribute. ``pretrained``: a torchvision ResNet state_dict file (fc ignored), loaded before conversion."""
-    if benchmark in DENSE_TASKS:
+    attribute; PASCAL-Context: ViT-S/16 (``arch="vit_s"``, the default; TSσLN norms, ``image_size`` sizes its
+    position embedding) + a light conv head per task, or ``arch="resnet50"`` as NYUv2. ``pretrained``: a
+    torchvision ResNet or timm ViT state_dict file (classifier dropped), loaded before the norm conversion."""
+    if benchmark not in ARCHS:
+        raise ValueError(f"no model for benchmark {benchmark!r}; models: {sorted(ARCHS)}")
+    arch = arch or ARCHS[benchmark][0]
+    if arch not in ARCHS[benchmark]:
+        raise ValueError(f"{benchmark}: arch must be one of {ARCHS[benchmark]}, got {arch!r}")
+    if arch == "vit_s":
+        encoder = vit_small(image_size, width)
+        heads = {task: DenseHead(encoder.out_channels, channels, head_width)
+                 for task, channels in DENSE_TASKS[benchmark].items()}
+    elif arch == "resnet50":
         encoder = resnet50(width)
         heads = {task: ASPPHead(encoder.out_channels, channels, width=head_width)
                  for task, channels in DENSE_TASKS[benchmark].items()}
-    elif benchmark == "celeba":
+    else:
         encoder = resnet18(width)
         heads = {f"attr{i:02d}": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                nn.Linear(encoder.out_channels, 1)) for i in range(40)}
-    else:
-        raise ValueError(f"no model for benchmark {benchmark!r}; models: {sorted(DENSE_TASKS) + ['celeba']}")
     if pretrained:
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{pretrained} does not match the encoder: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        if isinstance(encoder, VisionTransformer):
+            load_timm_state(encoder, state)
+        else:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = encoder.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{pretrained} does not match the encoder: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
     return MultiTaskNet(encoder, heads, norm, backend)

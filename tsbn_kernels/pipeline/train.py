@@ -1,7 +1,9 @@
 """tsbn-train: train a benchmark's multi-task model with task-specific norms and gradient aggregation.
 
-    tsbn-train {nyuv2,cityscapes,celeba} [--data PATH|synthetic] [--norm tssigmabn] [--aggregator mean]
+    tsbn-train {nyuv2,cityscapes,celeba,pascal} [--data PATH|synthetic] [--norm tssigmabn] [--aggregator mean]
                [--backend auto] [--amp bf16|fp16] [--channels-last] [--epochs 1 | --steps N] [--out DIR]
+               [--arch vit_s|resnet50] [--optimizer adam|sgd] [--baseline FILE]
+    torchrun --nproc_per_node R -m tsbn_kernels.pipeline.train ...     (data parallel; --batch is per process)
 
 Writes to --out: config.json, checkpoint.pt (atomic, every epoch: model, optimizer, epoch, step, RNG state),
 metrics.json and metrics.csv (per epoch: train losses, validation metrics, Δm), plots/ (loss curves, per-task
@@ -9,7 +11,11 @@ metrics, gate histograms) and analysis/record.npz (gates and Gramians for tsbn-a
 from checkpoint.pt; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and
 augmentation are a function of seed and epoch). A NaN/Inf loss stops the run with a message; the last good
 checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
-OUT/data first. Not yet: PASCAL-Context, multi-process DDP with synchronised task statistics.
+OUT/data first. Under torchrun (gloo on the CPU, nccl on GPUs) every norm's statistics span all processes and
+the per-task gradients are averaged across them before aggregation, so R processes with --batch N train as one
+process with --batch R·N (pipeline.distributed); rank 0 evaluates and writes the files.
+Δm needs a single-task baseline: built in for NYUv2 and Cityscapes; --baseline FILE (JSON {metric: value})
+for PASCAL-Context (whose baselines depend on the backbone) or to override.
 """
 from __future__ import annotations
 
@@ -29,14 +35,17 @@ from tqdm import tqdm
 
 from .. import mtl
 from ..convert import gate_param_groups
-from ..modules import _TSBatchNorm
-from . import celeba_data
-from . import metrics as metrics_mod
-from .check import celeba_losses, dense_losses
+from ..modules import TSLayerNorm, _TSBatchNorm
+from ..mtl.training import average_across_ranks_
+from ..sync_batch_norm import convert_sync
+from . import celeba_data, pascal_data
+from . import distributed as dist_mod
 from .dense_data import DenseDataset, synthesize
-from .models import DENSE_TASKS, build_model
+from .losses import celeba_losses, dense_losses
+from .metrics import BenchmarkMetrics
+from .models import ARCHS, build_model
 
-REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64)}
+REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64), "pascal": (512, 512)}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,62 +64,60 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def make_data(args, out: pathlib.Path):
-    """(train batches per epoch: callable(epoch) -> iterable, validation batches: callable() -> iterable)."""
-    root = out / "data" if args.data == "synthetic" else pathlib.Path(args.data)
+def write_synthetic(args, root: pathlib.Path) -> None:
+    """The synthetic dataset of --data synthetic, in the benchmark's real on-disk format (once)."""
     if args.benchmark == "celeba":
-        if args.data == "synthetic" and not (root / "list_eval_partition.txt").exists():
+        if not (root / "list_eval_partition.txt").exists():
             total = args.train_size + 2 * args.val_size
             celeba_data.synthesize(root, total, seed=args.seed,
                                    splits=(args.train_size / total, args.val_size / total, args.val_size / total))
-
-        def celeba_train(epoch):
-            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            return torch.utils.data.DataLoader(celeba_data.CelebA(root, "train", args.size[0]), batch_size=args.batch,
-                                               shuffle=True, drop_last=True, generator=generator)
-        return celeba_train, lambda: torch.utils.data.DataLoader(celeba_data.CelebA(root, "val", args.size[0]),
-                                                                 batch_size=args.batch)
-    if args.data == "synthetic" and not (root / "val").exists():
+    elif args.benchmark == "pascal":
+        if not (root / "ImageSets").exists():
+            total = args.train_size + args.val_size
+            pascal_data.synthesize(root, total, seed=args.seed, size=tuple(args.size),
+                                   val_fraction=args.val_size / total)
+    elif not (root / "val").exists():
         synthesize(args.benchmark, root, args.train_size, "train", seed=args.seed, size=tuple(args.size))
         synthesize(args.benchmark, root, args.val_size, "val", seed=args.seed + 1, size=tuple(args.size))
 
+
+def make_datasets(args, root: pathlib.Path):
+    if args.benchmark == "celeba":
+        return celeba_data.CelebA(root, "train", args.size[0]), celeba_data.CelebA(root, "val", args.size[0])
+    if args.benchmark == "pascal":
+        return (pascal_data.PascalContext(root, "train", args.size[0], augment=True, seed=args.seed),
+                pascal_data.PascalContext(root, "val", args.size[0]))
+    return (DenseDataset(args.benchmark, root, "train", augment=True, seed=args.seed),
+            DenseDataset(args.benchmark, root, "val"))
+
+
+def make_data(args, out: pathlib.Path, context: dist_mod.Context):
+    """(train batches of this rank: callable(epoch) -> iterable, validation batches: callable() -> iterable).
+    Data order and augmentation are functions of (seed, epoch, sample), the same for any number of ranks."""
+    root = out / "data" if args.data == "synthetic" else pathlib.Path(args.data)
+    if args.data == "synthetic" and context.is_main:
+        write_synthetic(args, root)
+    context.barrier()
+    train_set, val_set = make_datasets(args, root)
+    sampler = dist_mod.GlobalBatchSampler(len(train_set), args.batch, context.rank, context.world_size, args.seed)
+
     def train(epoch):
-        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        data = DenseDataset(args.benchmark, root, "train", augment=True, generator=generator)
-        return torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
-                                           generator=generator)
-
-    def val():
-        return torch.utils.data.DataLoader(DenseDataset(args.benchmark, root, "val"), batch_size=args.batch)
-    return train, val
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        return torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
+    return train, lambda: torch.utils.data.DataLoader(val_set, batch_size=args.batch)
 
 
-def evaluate(model, batches, benchmark: str, device, dtype) -> dict:
+def evaluate(model, batches, benchmark: str, device, dtype, baseline: dict | None = None) -> dict:
     model.eval()
-    if benchmark == "celeba":
-        attrs = metrics_mod.BinaryAttributes(40)
-    else:
-        seg = metrics_mod.Segmentation(DENSE_TASKS[benchmark]["segmentation"])
-        depth, normal = metrics_mod.Depth(), metrics_mod.Normals()
+    metrics = BenchmarkMetrics(benchmark, baseline=baseline)
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(batch["image"].to(dtype))
-            if benchmark == "celeba":
-                attrs.update(torch.cat([o.float() for o in out.values()], dim=1), batch["attributes"])
-                continue
-            seg.update(out["segmentation"].float(), batch["segmentation"])
-            depth.update(out["depth"].float(), batch["depth"])
-            if "normal" in out:
-                normal.update(out["normal"].float(), batch["normal"])
+            metrics.update(model(batch["image"].to(dtype)), batch)
     model.train()
-    if benchmark == "celeba":
-        return attrs.compute()
-    result = {**seg.compute(), **depth.compute()}
-    if benchmark == "nyuv2":
-        result.update(normal.compute())
-    result["delta_m"] = metrics_mod.delta_m(result, metrics_mod.BASELINES[benchmark])
-    return result
+    return metrics.compute()
 
 
 def save_plots(out: pathlib.Path, history: list[dict], model) -> None:
@@ -136,7 +143,7 @@ def save_plots(out: pathlib.Path, history: list[dict], model) -> None:
     fig.savefig(plots / "metrics.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     gates = [m.gate_values().flatten().float().cpu().numpy() for m in model.modules()
-             if isinstance(m, _TSBatchNorm) and m.weight is not None]
+             if isinstance(m, (_TSBatchNorm, TSLayerNorm)) and m.weight is not None]
     if gates:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.hist(np.concatenate(gates), bins=50)
@@ -165,7 +172,7 @@ def set_rng_state(state: dict) -> None:
 def parse(argv):
     parser = argparse.ArgumentParser(prog="tsbn-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("nyuv2", "cityscapes", "celeba"))
+    parser.add_argument("benchmark", choices=tuple(REAL_SIZES))
     parser.add_argument("--data", default="synthetic", help="dataset root in the benchmark's on-disk format")
     parser.add_argument("--norm", default="tssigmabn", choices=("bn", "tsbn", "tssigmabn"))
     parser.add_argument("--aggregator", default="mean", choices=mtl.METHODS)
@@ -183,8 +190,16 @@ def parse(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=16, help="synthetic samples in the training split")
     parser.add_argument("--val-size", type=int, default=8)
-    parser.add_argument("--pretrained", help="torchvision ResNet state_dict for the encoder")
+    parser.add_argument("--pretrained", help="torchvision ResNet / timm ViT state_dict for the encoder")
+    parser.add_argument("--arch", help="encoder: resnet50 (NYUv2, Cityscapes), resnet18 (CelebA), vit_s (default) "
+                                       "or resnet50 (PASCAL-Context)")
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    parser.add_argument("--baseline", help="JSON file {metric: single-task value} for Δm")
     args = parser.parse_args(argv)
+    if args.arch is not None and args.arch not in ARCHS[args.benchmark]:
+        parser.error(f"--arch for {args.benchmark} must be one of {ARCHS[args.benchmark]}")
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
     on_gpu = torch.cuda.is_available()
     args.width = args.width or (64 if on_gpu else 8)
     real = REAL_SIZES[args.benchmark]
@@ -194,24 +209,39 @@ def parse(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    context = dist_mod.setup()
+    try:
+        return train(args, context)
+    finally:
+        dist_mod.teardown(context)
+
+
+def train(args, context: dist_mod.Context) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = context.device
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model = build_model(args.benchmark, args.norm, args.width, 4 * args.width, args.backend, args.pretrained)
-    model = model.to(device)
+    baseline = json.loads(pathlib.Path(args.baseline).read_text()) if args.baseline else None
+    model = build_model(args.benchmark, args.norm, args.width, 4 * args.width, args.backend, args.pretrained,
+                        args.arch, tuple(args.size)).to(device)
+    if context.distributed:
+        model = convert_sync(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(gate_param_groups(model, args.lr))
-    train_batches, val_batches = make_data(args, out)
+    groups = gate_param_groups(model, args.lr)
+    optimizer = torch.optim.Adam(groups) if args.optimizer == "adam" else torch.optim.SGD(groups, lr=args.lr)
+    train_batches, val_batches = make_data(args, out, context)
     losses_fn = celeba_losses if args.benchmark == "celeba" else dense_losses
     config = {"benchmark": args.benchmark, "norm": args.norm, "num_tasks": model.num_tasks, "task_names": model.tasks,
               "model_builder": "tsbn_kernels.pipeline.models.build_model",
-              "model": {"norm": args.norm, "width": args.width, "head_width": 4 * args.width},
+              "model": {"norm": args.norm, "width": args.width, "head_width": 4 * args.width, "arch": args.arch,
+                        "image_size": list(args.size)},
+              "world_size": context.world_size,
               "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-    atomic_write(out / "config.json", json.dumps(config, indent=1))
+    if context.is_main:
+        atomic_write(out / "config.json", json.dumps(config, indent=1))
     history, epoch, step = [], 0, 0
     if args.resume:
         if not (out / "checkpoint.pt").exists():
@@ -222,24 +252,26 @@ def main(argv: list[str] | None = None) -> int:
         epoch, step, history = state["epoch"], state["step"], state["history"]
         set_rng_state(state["rng"])
     convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    shared_ids = {id(p) for m in convs for p in m.parameters()}
+    shared = [p for m in convs for p in m.parameters()]
+    shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     use_one_backward = args.norm != "bn" and args.aggregator != "sum"
     model.stem_once = not use_one_backward
     recorder = None
-    try:
-        from ..analysis.record import TrainingRecorder
+    if context.is_main:
+        try:
+            from ..analysis.record import TrainingRecorder
 
-        recorder = TrainingRecorder(out)
-    except ImportError:
-        pass
+            recorder = TrainingRecorder(out)
+        except ImportError:
+            pass
     try:
         while epoch < args.epochs and (args.steps is None or step < args.steps):
             totals, count, gramian = {t: 0.0 for t in model.tasks}, 0, None
             start = time.perf_counter()
             bar = tqdm(train_batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                       disable=not sys.stderr.isatty())
+                       disable=not (context.is_main and sys.stderr.isatty()))
             for batch in bar:
                 if args.steps is not None and step >= args.steps:
                     break
@@ -254,43 +286,54 @@ def main(argv: list[str] | None = None) -> int:
                             losses = losses_fn(model(image), batch).float()
                     else:
                         losses = losses_fn(model(image), batch).float()
-                if not bool(torch.isfinite(losses).all()):
+                reported = losses.detach().clone()
+                if context.distributed:          # every rank sees the same losses, so all stop together
+                    average_across_ranks_([reported])
+                if not bool(torch.isfinite(reported).all()):
                     raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: "
-                                        f"{dict(zip(model.tasks, losses.tolist()))}")
+                                        f"{dict(zip(model.tasks, reported.tolist()))}")
                 if args.aggregator == "sum" and not use_one_backward:
                     losses.sum().backward()
-                elif use_one_backward:
-                    info = mtl.backward_aggregated(losses, method=args.aggregator, capture=capture,
-                                                   task_params=task_params)
-                    gramian = info["gramian"]
+                    if context.distributed:
+                        params = [p for p in model.parameters() if p.requires_grad]
+                        for p in params:
+                            if p.grad is None:
+                                p.grad = torch.zeros_like(p)
+                        average_across_ranks_([p.grad for p in params])
                 else:
-                    shared = [p for m in convs for p in m.parameters()]
-                    info = mtl.backward_aggregated(losses, shared, args.aggregator, task_params=task_params)
+                    info = mtl.backward_aggregated(
+                        losses, None if use_one_backward else shared, args.aggregator,
+                        capture=capture if use_one_backward else None, task_params=task_params,
+                        distributed=context.distributed, check_finite=False)
                     gramian = info["gramian"]
                 optimizer.step()
                 step += 1
                 count += 1
-                for task, value in zip(model.tasks, losses.tolist()):
+                for task, value in zip(model.tasks, reported.tolist()):
                     totals[task] += value
-                bar.set_postfix(loss=f"{losses.sum().item():.4f}",
-                                img_per_s=f"{count * args.batch / (time.perf_counter() - start):.1f}")
+                bar.set_postfix(loss=f"{reported.sum().item():.4f}", img_per_s=f"{count * args.batch * "
+                                f"context.world_size / (time.perf_counter() - start):.1f}")
             epoch += 1
-            val = evaluate(model, val_batches(), args.benchmark, device,
-                           next(model.parameters()).dtype)
-            mean_losses = {t: v / max(count, 1) for t, v in totals.items()}
-            history.append({"epoch": epoch, "step": step, "train_loss": mean_losses, "val": val,
-                            "seconds": time.perf_counter() - start})
-            print(f"epoch {epoch}: loss {sum(history[-1]['train_loss'].values()):.4f} " +
-                  " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "step": step, "history": history, "rng": rng_state(), "config": config},
-                        out / "checkpoint.pt")
-            write_metrics(out, history)
-            save_plots(out, history, model)
-            if recorder is not None:
-                recorder.record(step, model, gramian)
+            if context.is_main:
+                val = evaluate(model, val_batches(), args.benchmark, device, next(model.parameters()).dtype,
+                               baseline)
+                mean_losses = {t: v / max(count, 1) for t, v in totals.items()}
+                history.append({"epoch": epoch, "step": step, "train_loss": mean_losses, "val": val,
+                                "seconds": time.perf_counter() - start})
+                print(f"epoch {epoch}: loss {sum(history[-1]['train_loss'].values()):.4f} " +
+                      " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "step": step, "history": history, "rng": rng_state(), "config": config},
+                            out / "checkpoint.pt")
+                write_metrics(out, history)
+                save_plots(out, history, model)
+                if recorder is not None:
+                    recorder.record(step, model, gramian)
+            context.barrier()
     except NonFiniteLoss as exc:
-        print(f"tsbn-train: {exc}; stopping. The last good checkpoint is {out / 'checkpoint.pt'}", file=sys.stderr)
+        if context.is_main:
+            print(f"tsbn-train: {exc}; stopping. The last good checkpoint is {out / 'checkpoint.pt'}",
+                  file=sys.stderr)
         return 2
     finally:
         if recorder is not None and recorder.steps:
