@@ -76,57 +76,58 @@ PIPELINE_SCALE = {  # benchmark: (width, (H, W), N) — GPU: the real model; CPU
     "nyuv2": (64, (288, 384), 2) if DEVICE == "cuda" else (8, (72, 96), 2),
     "cityscapes": (64, (128, 256), 8) if DEVICE == "cuda" else (8, (32, 64), 4),
     "celeba": (64, (64, 64), 64) if DEVICE == "cuda" else (8, (32, 32), 8),
+    "pascal": (64, (512, 512), 4) if DEVICE == "cuda" else (8, (128, 128), 2),
 }
+# On a GPU the step runs as issue 6 states its target: bf16 autocast and channels-last activations.
+AMP = torch.bfloat16 if DEVICE == "cuda" else None
 
 
 def pipeline_step(benchmark: str, contender: str):
-    from tsbn_kernels.pipeline import check, models
+    from tsbn_kernels.pipeline import check, losses, models
 
     width, size, n = PIPELINE_SCALE[benchmark]
     if SMOKE:
         width, size, n = 4, (16, 16), 2
     torch.manual_seed(0)
-    model = models.build_model(benchmark, width=width, head_width=4 * width,
+    model = models.build_model(benchmark, width=width, head_width=4 * width, image_size=size,
                                backend="auto" if contender == "fused" else "eager").to(DEVICE)
+    channels_last = AMP is not None and benchmark != "celeba"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.stem_once = contender != "fused"
     convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     shared = [p for m in convs for p in m.parameters()]
     shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
-    g = torch.Generator().manual_seed(0)
-    if benchmark == "celeba":
-        batch = next(check.celeba_batches(1, n, size[0], g))
-        losses_fn = check.celeba_losses
-    else:
-        tasks = models.DENSE_TASKS[benchmark]
-        batch = {"image": torch.rand(n, 3, *size, generator=g),
-                 "segmentation": torch.randint(-1, tasks["segmentation"], (n, *size), generator=g),
-                 "depth": torch.rand(n, 1, *size, generator=g) + 0.1}
-        if "normal" in tasks:
-            batch["normal"] = torch.nn.functional.normalize(torch.randn(n, 3, *size, generator=g), dim=1)
-        losses_fn = check.dense_losses
-    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    batch = {k: v.to(DEVICE) for k, v in check.random_batch(benchmark, n, size, torch.Generator().manual_seed(0)).items()}
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    losses_fn = losses.losses_for(benchmark)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=AMP, enabled=AMP is not None):
+            if contender == "fused":
+                with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
+                    task_losses = losses_fn(model(batch["image"]), batch).float()
+            else:
+                task_losses = losses_fn(model(batch["image"]), batch).float()
         if contender == "fused":
-            with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
-                losses = losses_fn(model(batch["image"]), batch)
-            mtl.backward_aggregated(losses, method="pcgrad", capture=capture, task_params=task_params,
+            mtl.backward_aggregated(task_losses, method="pcgrad", capture=capture, task_params=task_params,
                                     generator=generator)
         else:
-            losses = losses_fn(model(batch["image"]), batch)
-            direction = libmtl_pcgrad(mtl.autograd_gradients(losses, shared), generator)
+            direction = libmtl_pcgrad(mtl.autograd_gradients(task_losses, shared), generator)
             offset = 0
             for p in shared:
-                p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
+                p.grad = direction[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
                 offset += p.numel()
-            for p, grad in zip(task_params, torch.autograd.grad(losses.sum(), task_params, allow_unused=True)):
+            for p, grad in zip(task_params, torch.autograd.grad(task_losses.sum(), task_params, allow_unused=True)):
                 p.grad = grad
         optimizer.step()
-    return step, sum(p.numel() for p in shared), f"{benchmark}-w{width}-{size[0]}x{size[1]}-N{n}"
+    precision = "-bf16-cl" if channels_last else ""
+    return step, sum(p.numel() for p in shared), f"{benchmark}-w{width}-{size[0]}x{size[1]}-N{n}{precision}"
 
 
 @pytest.mark.parametrize("contender", ["fused", "eager"])

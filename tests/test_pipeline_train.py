@@ -3,14 +3,18 @@ keeps the last good checkpoint, and tsbn-analyze reads the run directory."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from tsbn_kernels import analysis
 from tsbn_kernels.pipeline import train
 
-TINY = {"nyuv2": ["--size", "16", "24"], "cityscapes": ["--size", "16", "32"], "celeba": ["--size", "16", "16"]}
+TINY = {"nyuv2": ["--size", "16", "24"], "cityscapes": ["--size", "16", "32"], "celeba": ["--size", "16", "16"],
+        "pascal": ["--size", "32", "32"]}
 
 
 def run(dataset, out, *extra):
@@ -19,7 +23,7 @@ def run(dataset, out, *extra):
 
 
 @pytest.mark.parametrize("dataset,aggregator", [("nyuv2", "pcgrad"), ("cityscapes", "mean"),
-                                                  ("celeba", "sum")])
+                                                  ("celeba", "sum"), ("pascal", "upgrad")])
 def test_training_reduces_the_loss(dataset, aggregator, tmp_path):
     assert run(dataset, tmp_path, "--epochs", "4", "--lr", "3e-3", "--aggregator", aggregator) == 0
     history = json.loads((tmp_path / "metrics.json").read_text())
@@ -65,3 +69,39 @@ def test_tsbn_analyze_reads_a_training_run(tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["task_names"] == ["segmentation", "depth", "normal"] and len(summary["gradient_cosine"]) == 3
     assert "Gate trajectories" in (tmp_path / "analysis" / "report.html").read_text()
+
+
+def ddp_worker(rank, world, port, argv):
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    assert train.main(argv) == 0
+
+
+@pytest.mark.parametrize("dataset,aggregator", [("celeba", "pcgrad"), ("celeba", "sum")])
+def test_two_gloo_ranks_train_as_one_process_on_the_concatenated_batch(tmp_path, dataset, aggregator):
+    common = [dataset, "--width", "4", "--train-size", "8", "--val-size", "4", *TINY[dataset], "--epochs", "2",
+              "--aggregator", aggregator, "--optimizer", "sgd", "--lr", "0.05", "--dtype", "float64",
+              "--norm", "tssigmabn" if aggregator != "sum" else "bn"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, common + ["--batch", "2", "--out", str(tmp_path / "ddp")]), nprocs=2,
+             join=True)
+    assert train.main(common + ["--batch", "4", "--out", str(tmp_path / "one")]) == 0
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    assert ddp["step"] == one["step"] == 4 and ddp["config"]["world_size"] == 2
+    torch.manual_seed(0)
+    start = train.build_model(dataset, "tssigmabn" if aggregator != "sum" else "bn", 4, 16).double()
+    moved = 0
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+        if value.is_floating_point() and key in start.state_dict():
+            moved += int(not torch.allclose(value, start.state_dict()[key].to(value.dtype)))
+    assert moved > 10                                    # training changed the model: the comparison means something
+    history = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert len(history) == 2 and history[0]["train_loss"].keys() == one["history"][0]["train_loss"].keys()
+    for a, b in zip(history, one["history"]):
+        for task, value in a["train_loss"].items():
+            assert value == pytest.approx(b["train_loss"][task], rel=1e-9)

@@ -53,6 +53,9 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
         G = autograd_gradients(losses, shared)
         task_grads = (list(torch.autograd.grad(losses.sum(), task_params, allow_unused=True))
                       if task_params else [])
+    if distributed:
+        task_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(task_params, task_grads)]
+        average_across_ranks_([G, *task_grads], process_group)
     M = gramian(G, backend=backend)
     if check_finite:
         raise_if_nonfinite(M)

@@ -7,7 +7,7 @@ eager: reference norms, T autograd passes for the per-task gradients, the aggreg
 fused: the chosen norm backend, per-task gradients from one backward (mtl.OneBackward), the fused Gramian path.
 Per step: both losses and their difference, the largest parameter difference, both step times and (on a GPU)
 both peak memories. Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance.
-PASCAL-Context is not covered yet (its data and model are not written).
+PASCAL-Context runs the ViT-S/16 with task-specific layer norms (its ResNet option is the NYUv2 network).
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from .. import mtl
+from . import pascal_data
 from .dense_data import DenseDataset, synthesize
 from .losses import celeba_losses, dense_losses
 from .models import DENSE_TASKS, build_model
 
-BENCHMARKS = ("nyuv2", "cityscapes", "celeba")
+BENCHMARKS = ("nyuv2", "cityscapes", "celeba", "pascal")
+REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64), "pascal": (512, 512)}
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-7}
 
 
@@ -38,13 +40,35 @@ def celeba_batches(steps: int, n: int, size: int, generator: torch.Generator):
         yield {"image": images, "attributes": attrs}
 
 
+def random_batch(benchmark: str, n: int, size, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One batch of random inputs and targets with the benchmark's shapes and value conventions (for timing)."""
+    if benchmark == "celeba":
+        return next(celeba_batches(1, n, size[0], generator))
+    h, w = size
+    batch = {"image": torch.rand(n, 3, h, w, generator=generator)}
+    for task, channels in DENSE_TASKS[benchmark].items():
+        if task in ("segmentation", "human_parts"):
+            batch[task] = torch.randint(-1, channels, (n, h, w), generator=generator)
+        elif task == "depth":
+            batch[task] = torch.rand(n, 1, h, w, generator=generator) + 0.1
+        elif task == "normal":
+            batch[task] = torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=generator), dim=1)
+        else:   # saliency, edge: binary maps
+            batch[task] = (torch.rand(n, 1, h, w, generator=generator) < 0.3).float()
+    return batch
+
+
 def batches(benchmark: str, steps: int, n: int, size, workdir: str):
     generator = torch.Generator().manual_seed(0)
     if benchmark == "celeba":
         yield from celeba_batches(steps, n, size[0], generator)
         return
-    root = synthesize(benchmark, workdir, n * steps, size=size).parent
-    data = DenseDataset(benchmark, root, augment=True, seed=0)
+    if benchmark == "pascal":
+        root = pascal_data.synthesize(workdir, n * steps, size=size, val_fraction=0.0)
+        data = pascal_data.PascalContext(root, "train", size[0], augment=True, seed=0)
+    else:
+        root = synthesize(benchmark, workdir, n * steps, size=size).parent
+        data = DenseDataset(benchmark, root, augment=True, seed=0)
     loader = torch.utils.data.DataLoader(data, batch_size=n, shuffle=False)
     yield from loader
 
@@ -52,7 +76,8 @@ def batches(benchmark: str, steps: int, n: int, size, workdir: str):
 def run(benchmark: str, steps: int, backend: str, method: str, width: int, size, n: int, dtype=torch.float32,
         device: str = "cpu", out=None) -> bool:
     torch.manual_seed(0)
-    eager = build_model(benchmark, width=width, head_width=4 * width, backend="eager").to(device, dtype)
+    eager = build_model(benchmark, width=width, head_width=4 * width, backend="eager",
+                        image_size=tuple(size)).to(device, dtype)
     eager.stem_once = False
     fused = copy.deepcopy(eager)
     fused.set_backend(backend)
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     width = args.width or (64 if device == "cuda" else 8)
     ok = True
     for benchmark in (BENCHMARKS if args.benchmark == "all" else (args.benchmark,)):
-        real = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64)}[benchmark]
+        real = REAL_SIZES[benchmark]
         size = tuple(args.size) if args.size else (real if device == "cuda" else (real[0] // 4, real[1] // 4))
         ok &= run(benchmark, args.steps, args.backend, args.method, width, size, args.batch, dtype=dtype,
                   device=device)

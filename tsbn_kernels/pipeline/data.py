@@ -1,20 +1,21 @@
 """tsbn-data: datasets in the benchmarks' real on-disk formats.
 
-    tsbn-data synth {nyuv2,cityscapes,celeba} --out DIR --n N [--split train] [--size H W] [--seed 0]
+    tsbn-data synth {nyuv2,cityscapes,celeba,pascal} --out DIR --n N [--split train] [--size H W] [--seed 0]
 
-writes a synthetic, learnable dataset in the real layout, so the real loaders run on real files (for CelebA,
---split and --size do not apply: the files hold every split at the released 178×218). PASCAL-Context is not
-written yet (issue 6).
+writes a synthetic, learnable dataset in the real layout, so the real loaders run on real files. For CelebA,
+--split and --size do not apply (the files hold every split at the released 178×218); for PASCAL-Context the
+files hold both split lists (a quarter of the images in val) and --split does not apply.
 """
 from __future__ import annotations
 
 import argparse
 
-from . import celeba_data
+from . import celeba_data, pascal_data
 from .celeba_data import CelebA
 from .dense_data import SPECS, DenseDataset, synthesize
+from .pascal_data import PascalContext
 
-__all__ = ["CelebA", "DenseDataset", "SPECS", "main", "synthesize"]
+__all__ = ["CelebA", "DenseDataset", "PascalContext", "SPECS", "main", "synthesize"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write a synthetic dataset in the benchmark's on-disk format")
-    synth.add_argument("benchmark", choices=sorted(SPECS) + ["celeba"])
+    synth.add_argument("benchmark", choices=sorted(SPECS) + ["celeba", "pascal"])
     synth.add_argument("--out", required=True)
     synth.add_argument("--n", type=int, required=True)
     synth.add_argument("--split", default="train", choices=("train", "val"))
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n must be at least 1")
     if args.benchmark == "celeba":
         path = celeba_data.synthesize(args.out, args.n, args.seed)
+    elif args.benchmark == "pascal":
+        path = pascal_data.synthesize(args.out, args.n, args.seed, tuple(args.size) if args.size else (512, 512))
     else:
         path = synthesize(args.benchmark, args.out, args.n, args.split, args.seed,
                           tuple(args.size) if args.size else None)

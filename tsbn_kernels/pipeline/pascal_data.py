@@ -163,7 +163,9 @@ class PascalContext(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> dict[str, Tensor]:
         sample = self.load(item)
         generator = sample_generator(self.seed, self.epoch, item) if self.augment else None
-        sample = _resize_crop_flip(sample, self.size, generator)
+        sample = random_scale_crop(sample, self.size, generator)
+        if generator is not None and bool(torch.rand(1, generator=generator) < 0.5):
+            sample = horizontal_flip(sample)
         label_map = sample.pop("label_map")
         sample["edge"] = label_boundaries(label_map)[None]
         return sample
@@ -180,7 +182,8 @@ def _resize(value: Tensor, size: tuple[int, int], bilinear: bool) -> Tensor:
 PAD = {"image": 0.0, "segmentation": -1, "human_parts": -1, "label_map": -1, "normal": 0.0, "saliency": 0.0}
 
 
-def _resize_crop_flip(sample: dict[str, Tensor], size: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+def random_scale_crop(sample: dict[str, Tensor], size: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """Resize to S×S; with a generator, first scale by a random factor in [0.75, 1.25] and crop or pad to S×S."""
     scale = 1.0 if generator is None else 0.75 + 0.5 * float(torch.rand(1, generator=generator))
     scaled = max(1, round(size * scale))
     out = {key: _resize(value, (scaled, scaled), key == "image") for key, value in sample.items()}
@@ -195,10 +198,13 @@ def _resize_crop_flip(sample: dict[str, Tensor], size: int, generator: torch.Gen
                 canvas = torch.full((*value.shape[:-2], size, size), PAD[key], dtype=value.dtype)
                 canvas[..., offset:offset + scaled, offset2:offset2 + scaled] = value
                 out[key] = canvas
-    if generator is not None and bool(torch.rand(1, generator=generator) < 0.5):
-        out = {key: value.flip(-1) for key, value in out.items()}
-        out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
     return {key: value.contiguous() for key, value in out.items()}
+
+
+def horizontal_flip(sample: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {key: value.flip(-1) for key, value in sample.items()}
+    out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)   # x points the other way
+    return out
 
 
 PART_SHADES = {1: 1.0, 2: 0.75, 3: 0.6, 4: 0.9, 5: 0.5, 6: 0.35}
@@ -295,7 +301,7 @@ def synthesize(root: str | os.PathLike, n: int, seed: int = 0, size: tuple[int, 
             records[0, len(objects)] = ("person", np.array([[PERSON]], dtype=np.uint8),
                                         (part_map > 0).astype(np.uint8), _part_records(part_map))
         scipy.io.savemat(root / "human_parts" / f"{image_id}.mat", {"anno": {"imname": image_id, "objects": records}})
-    n_val = max(1, round(n * val_fraction)) if n > 1 else 0
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
     (root / "ImageSets" / "Context" / "train.txt").write_text("\n".join(ids[:n - n_val]) + "\n")
     (root / "ImageSets" / "Context" / "val.txt").write_text("\n".join(ids[n - n_val:]) + "\n")
     return root

@@ -194,6 +194,8 @@ def parse(argv):
     parser.add_argument("--arch", help="encoder: resnet50 (NYUv2, Cityscapes), resnet18 (CelebA), vit_s (default) "
                                        "or resnet50 (PASCAL-Context)")
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="parameter dtype (float64 for exact comparisons on the CPU; --amp for mixed precision)")
     parser.add_argument("--baseline", help="JSON file {metric: single-task value} for Δm")
     args = parser.parse_args(argv)
     if args.arch is not None and args.arch not in ARCHS[args.benchmark]:
@@ -225,7 +227,7 @@ def train(args, context: dist_mod.Context) -> int:
     np.random.seed(args.seed)
     baseline = json.loads(pathlib.Path(args.baseline).read_text()) if args.baseline else None
     model = build_model(args.benchmark, args.norm, args.width, 4 * args.width, args.backend, args.pretrained,
-                        args.arch, tuple(args.size)).to(device)
+                        args.arch, tuple(args.size)).to(device, getattr(torch, args.dtype))
     if context.distributed:
         model = convert_sync(model)
     if args.channels_last:
@@ -243,23 +245,28 @@ def train(args, context: dist_mod.Context) -> int:
     if context.is_main:
         atomic_write(out / "config.json", json.dumps(config, indent=1))
     history, epoch, step = [], 0, 0
+    # PCGrad's random projection order: its own generator, so every rank draws the same orders whatever else
+    # consumes the global RNG (rank 0's evaluation, DataLoader seeds), and a resume continues its stream.
+    aggregator_rng = torch.Generator(device).manual_seed(args.seed)
     if args.resume:
         if not (out / "checkpoint.pt").exists():
             raise SystemExit(f"tsbn-train: --resume but {out / 'checkpoint.pt'} does not exist")
-        state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)   # RNG states live on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, history = state["epoch"], state["step"], state["history"]
         set_rng_state(state["rng"])
+        aggregator_rng.set_state(state["rng"]["aggregator"])
     convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     shared = [p for m in convs for p in m.parameters()]
     shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
+    model_dtype = getattr(torch, args.dtype)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     use_one_backward = args.norm != "bn" and args.aggregator != "sum"
     model.stem_once = not use_one_backward
     recorder = None
-    if context.is_main:
+    if context.is_main and args.norm != "bn":   # the recorder follows the task-specific gates
         try:
             from ..analysis.record import TrainingRecorder
 
@@ -275,7 +282,8 @@ def train(args, context: dist_mod.Context) -> int:
             for batch in bar:
                 if args.steps is not None and step >= args.steps:
                     break
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device)
+                         for k, v in batch.items()}
                 image = batch["image"]
                 if args.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
@@ -283,9 +291,10 @@ def train(args, context: dist_mod.Context) -> int:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     if use_one_backward:
                         with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
-                            losses = losses_fn(model(image), batch).float()
+                            losses = losses_fn(model(image), batch)
                     else:
-                        losses = losses_fn(model(image), batch).float()
+                        losses = losses_fn(model(image), batch)
+                losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
                 reported = losses.detach().clone()
                 if context.distributed:          # every rank sees the same losses, so all stop together
                     average_across_ranks_([reported])
@@ -301,18 +310,20 @@ def train(args, context: dist_mod.Context) -> int:
                                 p.grad = torch.zeros_like(p)
                         average_across_ranks_([p.grad for p in params])
                 else:
+                    extra = {"generator": aggregator_rng} if args.aggregator == "pcgrad" else {}
                     info = mtl.backward_aggregated(
                         losses, None if use_one_backward else shared, args.aggregator,
                         capture=capture if use_one_backward else None, task_params=task_params,
-                        distributed=context.distributed, check_finite=False)
+                        distributed=context.distributed, check_finite=False, **extra)
                     gramian = info["gramian"]
                 optimizer.step()
                 step += 1
                 count += 1
                 for task, value in zip(model.tasks, reported.tolist()):
                     totals[task] += value
-                bar.set_postfix(loss=f"{reported.sum().item():.4f}", img_per_s=f"{count * args.batch * "
-                                f"context.world_size / (time.perf_counter() - start):.1f}")
+                images = count * args.batch * context.world_size
+                bar.set_postfix(loss=f"{reported.sum().item():.4f}",
+                                img_per_s=f"{images / (time.perf_counter() - start):.1f}")
             epoch += 1
             if context.is_main:
                 val = evaluate(model, val_batches(), args.benchmark, device, next(model.parameters()).dtype,
@@ -323,7 +334,8 @@ def train(args, context: dist_mod.Context) -> int:
                 print(f"epoch {epoch}: loss {sum(history[-1]['train_loss'].values()):.4f} " +
                       " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "history": history, "rng": rng_state(), "config": config},
+                             "step": step, "history": history,
+                             "rng": {**rng_state(), "aggregator": aggregator_rng.get_state()}, "config": config},
                             out / "checkpoint.pt")
                 write_metrics(out, history)
                 save_plots(out, history, model)
