@@ -20,7 +20,7 @@ PYTEST_ENV = $(if $(filter 1,$(NO_GPU)),TRITON_INTERPRET=1,) PYTHONHASHSEED=0
 .PHONY: demo test test-python test-cpp bench bench-smoke clean venv build
 
 # The main job: eager reference against the fused path (norm kernels, one-backward per-task gradients, fused
-# aggregation), step by step, on NYUv2, Cityscapes and CelebA at a small synthetic scale (real scale on a GPU).
+# aggregation), step by step, on NYUv2, Cityscapes, CelebA and PASCAL-Context at a small synthetic scale (real scale on a GPU).
 demo: build
 	$(PY) -m tsbn_kernels.pipeline.check all --steps 3
 
