@@ -111,6 +111,36 @@ def test_low_precision_against_float64(backend, dtype, channels_last):
     assert got[2].dtype == torch.float32 and got[4].dtype == torch.float32
 
 
+@pytest.mark.skipif("cpu" not in FUSED, reason="the C++ CPU kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_cpu_low_precision_rounds_once(dtype, channels_last, activation):
+    """The CPU kernel widens fp16/bf16 exactly, computes in fp32 and rounds each output once to nearest-even:
+    the fp32 kernel on the same values, rounded (this pins the hand-written bf16 bit conversions)."""
+    g = torch.Generator().manual_seed(11)
+    x = make_input((6, 8, 9, 7), dtype, channels_last=channels_last, offset=2.0, generator=g, device="cpu")
+    weight, bias, rm, rv = make_params(3, 8, torch.float32, generator=g, device="cpu")
+    grad_y = torch.randn(x.shape, generator=g).to(dtype)
+    results = []
+    for inp, grad in ((x, grad_y), (x.float(), grad_y.float())):
+        inp = inp.detach().clone().requires_grad_(True)
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        y = tk.ts_batch_norm(inp, w, b, rm.clone(), rv.clone(), activation=activation, backend="cpu")
+        results.append((y, *torch.autograd.grad(y, (inp, w, b), grad)))
+    (y, dx, dw, db), (y32, dx32, dw32, db32) = results
+    for low, wide in ((y, y32), (dx, dx32)):
+        # The statistics may be summed in another order for another element size (last-bit differences that
+        # can move a rounding); a wrong rounding mode would miss on about half of the elements.
+        rounded = wide.to(dtype)
+        miss = low != rounded
+        assert miss.float().mean() < 0.01
+        spacing = torch.finfo(dtype).eps * rounded.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((low.float() - rounded.float()).abs() <= spacing)[miss].all()
+    torch.testing.assert_close(dw, dw32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, db32, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_params_in_input_dtype(backend):
     g = torch.Generator().manual_seed(4)

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -81,6 +83,35 @@ Blocks make_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& task_id
   return b;
 }
 
+// Element loads and stores in the accumulation type. bf16 converts through its raw bits (a shift, and
+// round-to-nearest-even on the way back), which the simd loops vectorise; c10::BFloat16's own conversions go
+// through a struct and a NaN branch that GCC leaves scalar. Results are bit-identical to c10's conversions.
+template <typename acc_t, typename scalar_t>
+inline acc_t load_acc(const scalar_t* p, int64_t i) {
+  return static_cast<acc_t>(p[i]);
+}
+
+template <typename acc_t>
+inline acc_t load_acc(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return static_cast<acc_t>(value);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_elem(scalar_t* p, int64_t i, acc_t v) {
+  p[i] = static_cast<scalar_t>(v);
+}
+
+inline void store_elem(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  reinterpret_cast<uint16_t*>(p)[i] = nan ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
 // Per-(task, channel) parameters in the accumulation type, [T * C] each.
 template <typename acc_t>
 std::vector<acc_t> table(const c10::optional<at::Tensor>& t, int64_t T, int64_t C, acc_t fill, const char* name) {
@@ -117,15 +148,15 @@ void block_moments(const Blocks& b, const scalar_t* x, int64_t n, int64_t chunk,
     // Planar: `chunk` is unused; every channel's plane is its own block, done one plane at a time.
     for (int64_t c = 0; c < b.C; ++c) {
       const scalar_t* p = x + (n * b.C + c) * b.S;
-      const acc_t shift = static_cast<acc_t>(p[0]);
+      const acc_t shift = load_acc<acc_t>(p, 0);
       acc_t s = 0;
 _Pragma("omp simd reduction(+ : s)")
-      for (int64_t i = 0; i < b.S; ++i) s += static_cast<acc_t>(p[i]) - shift;
+      for (int64_t i = 0; i < b.S; ++i) s += load_acc<acc_t>(p, i) - shift;
       const acc_t mu = shift + s / static_cast<acc_t>(b.S);
       acc_t q = 0;
 _Pragma("omp simd reduction(+ : q)")
       for (int64_t i = 0; i < b.S; ++i) {
-        const acc_t d = static_cast<acc_t>(p[i]) - mu;
+        const acc_t d = load_acc<acc_t>(p, i) - mu;
         q += d * d;
       }
       mean[c] = mu;
@@ -140,17 +171,17 @@ _Pragma("omp simd reduction(+ : q)")
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = base + r * C;
 _Pragma("omp simd")
-    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<acc_t>(row[c]) - static_cast<acc_t>(base[c]);
+    for (int64_t c = 0; c < C; ++c) mean[c] += load_acc<acc_t>(row, c) - load_acc<acc_t>(base, c);
   }
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] = static_cast<acc_t>(base[c]) + mean[c] / static_cast<acc_t>(rows);
+    mean[c] = load_acc<acc_t>(base, c) + mean[c] / static_cast<acc_t>(rows);
     m2[c] = 0;
   }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = base + r * C;
 _Pragma("omp simd")
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+      const acc_t d = load_acc<acc_t>(row, c) - mean[c];
       m2[c] += d * d;
     }
   }
@@ -230,10 +261,10 @@ void apply_normalization(const Blocks& b, const acc_t* mean, const acc_t* scale,
         if (relu) {
 _Pragma("omp simd")
           for (int64_t i = 0; i < b.S; ++i)
-            q[i] = static_cast<scalar_t>(std::max(acc_t(0), (static_cast<acc_t>(p[i]) - mu) * sc + sh));
+            store_elem(q, i, std::max(acc_t(0), (load_acc<acc_t>(p, i) - mu) * sc + sh));
         } else {
 _Pragma("omp simd")
-          for (int64_t i = 0; i < b.S; ++i) q[i] = static_cast<scalar_t>((static_cast<acc_t>(p[i]) - mu) * sc + sh);
+          for (int64_t i = 0; i < b.S; ++i) store_elem(q, i, (load_acc<acc_t>(p, i) - mu) * sc + sh);
         }
       }
     });
@@ -251,10 +282,10 @@ _Pragma("omp simd")
         if (relu) {
 _Pragma("omp simd")
           for (int64_t c = 0; c < C; ++c)
-            q[c] = static_cast<scalar_t>(std::max(acc_t(0), (static_cast<acc_t>(p[c]) - mu[c]) * sc[c] + sh[c]));
+            store_elem(q, c, std::max(acc_t(0), (load_acc<acc_t>(p, c) - mu[c]) * sc[c] + sh[c]));
         } else {
 _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) q[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - mu[c]) * sc[c] + sh[c]);
+          for (int64_t c = 0; c < C; ++c) store_elem(q, c, (load_acc<acc_t>(p, c) - mu[c]) * sc[c] + sh[c]);
         }
       }
     }
@@ -325,17 +356,17 @@ void block_grad_sums(const Blocks& b, const scalar_t* x, const scalar_t* dy, int
       if (relu) {
 _Pragma("omp simd reduction(+ : a1, a2)")
         for (int64_t i = 0; i < b.S; ++i) {
-          const acc_t d = static_cast<acc_t>(x[off + i]) - mu;
-          const acc_t g = d * sc + sh > acc_t(0) ? static_cast<acc_t>(dy[off + i]) : acc_t(0);
+          const acc_t d = load_acc<acc_t>(x, off + i) - mu;
+          const acc_t g = d * sc + sh > acc_t(0) ? load_acc<acc_t>(dy, off + i) : acc_t(0);
           a1 += g;
           a2 += g * d;
         }
       } else {
 _Pragma("omp simd reduction(+ : a1, a2)")
         for (int64_t i = 0; i < b.S; ++i) {
-          const acc_t g = static_cast<acc_t>(dy[off + i]);
+          const acc_t g = load_acc<acc_t>(dy, off + i);
           a1 += g;
-          a2 += g * (static_cast<acc_t>(x[off + i]) - mu);
+          a2 += g * (load_acc<acc_t>(x, off + i) - mu);
         }
       }
       s1[c] = a1;
@@ -351,8 +382,8 @@ _Pragma("omp simd reduction(+ : a1, a2)")
     const scalar_t* gr = dy + offset + r * C;
 _Pragma("omp simd")
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(xr[c]) - mu[c];
-      const acc_t g = (!relu || d * sc[c] + sh[c] > acc_t(0)) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+      const acc_t d = load_acc<acc_t>(xr, c) - mu[c];
+      const acc_t g = (!relu || d * sc[c] + sh[c] > acc_t(0)) ? load_acc<acc_t>(gr, c) : acc_t(0);
       s1[c] += g;
       s2[c] += g * d;
     }
@@ -450,9 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
           const int64_t off = plane * b.S;
 _Pragma("omp simd")
           for (int64_t i = 0; i < b.S; ++i) {
-            const acc_t d = static_cast<acc_t>(xp[off + i]) - mu;
-            const acc_t g = (!relu || d * s_ + h_ > acc_t(0)) ? static_cast<acc_t>(gp[off + i]) : acc_t(0);
-            dxp[off + i] = static_cast<scalar_t>(a_ * g + b_ * d + c_);
+            const acc_t d = load_acc<acc_t>(xp, off + i) - mu;
+            const acc_t g = (!relu || d * s_ + h_ > acc_t(0)) ? load_acc<acc_t>(gp, off + i) : acc_t(0);
+            store_elem(dxp, off + i, a_ * g + b_ * d + c_);
           }
         }
       });
@@ -467,9 +498,9 @@ _Pragma("omp simd")
 _Pragma("omp simd")
             for (int64_t c = 0; c < C; ++c) {
               const int64_t k = k0 + c;
-              const acc_t d = static_cast<acc_t>(xp[o + c]) - mean[k];
-              const acc_t g = (!relu || d * sc[k] + sh[k] > acc_t(0)) ? static_cast<acc_t>(gp[o + c]) : acc_t(0);
-              dxp[o + c] = static_cast<scalar_t>(A[k] * g + Bk[k] * d + Ck[k]);
+              const acc_t d = load_acc<acc_t>(xp, o + c) - mean[k];
+              const acc_t g = (!relu || d * sc[k] + sh[k] > acc_t(0)) ? load_acc<acc_t>(gp, o + c) : acc_t(0);
+              store_elem(dxp, o + c, A[k] * g + Bk[k] * d + Ck[k]);
             }
           }
         }
