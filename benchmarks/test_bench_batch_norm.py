@@ -37,16 +37,18 @@ def variants():
                                    id=f"{case.id}-{str(dtype)[6:]}-{'cl' if channels_last else 'nchw'}")
 
 
-@functools.lru_cache(maxsize=1)
-def _inputs(shape, num_tasks, dtype, channels_last):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def _inputs(shape, num_tasks, dtype, channels_last, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(x)
-    c = shape[1]
-    weight = torch.randn(num_tasks, c, device=DEVICE)
+    grad = torch.randn(shape, generator=g).to(device=DEVICE, dtype=dtype)
+    grad = grad.contiguous(memory_format=torch.channels_last) if channels_last else grad
+    weight = torch.randn(num_tasks, shape[1], generator=g).to(DEVICE)
     return x, grad, weight
+
+
+_cached_inputs = functools.lru_cache(maxsize=1)(_inputs)
 
 
 def candidate(name: str, x, weight, num_tasks: int, training: bool):
@@ -75,21 +77,25 @@ def candidate(name: str, x, weight, num_tasks: int, training: bool):
 @pytest.mark.parametrize("pass_", list(PASSES))
 @pytest.mark.parametrize("case,dtype,channels_last", list(variants()))
 def test_ts_batch_norm(benchmark, measure, case, dtype, channels_last, pass_, contender):
-    x, grad, weight = _inputs(case.shape, case.num_tasks, dtype, channels_last)
-    fn = candidate(contender, x, weight, case.num_tasks,
-                   training=pass_ != "eval")
-    if pass_ == "forward_backward":
-        x = x.detach().requires_grad_(True)
+    x, grad, weight = _cached_inputs(case.shape, case.num_tasks, dtype, channels_last)
+    fn = candidate(contender, x, weight, case.num_tasks, training=pass_ != "eval")
 
-        def step():
-            y = fn(x)
-            (grad_x,) = torch.autograd.grad(y, x, grad)
-            return grad_x
-    else:
-        def step():
-            with torch.no_grad():
-                return fn(x)
+    def make_step(x, grad):
+        if pass_ == "forward_backward":
+            x = x.detach().requires_grad_(True)
+
+            def step():
+                (grad_x,) = torch.autograd.grad(fn(x), x, grad)
+                return grad_x
+        else:
+            def step():
+                with torch.no_grad():
+                    return fn(x)
+        return step
+
+    seeds = iter(range(1, 1 << 16))
     layout = "channels_last" if channels_last else "nchw"
-    measure(benchmark, step, bytes_moved=PASSES[pass_] * x.numel() * x.element_size(),
+    measure(benchmark, make_step(x, grad), bytes_moved=PASSES[pass_] * x.numel() * x.element_size(),
+            rotate=lambda: make_step(*_inputs(case.shape, case.num_tasks, dtype, channels_last, next(seeds))[:2]),
             group=f"ts_batch_norm/{pass_}/{case.id}/{str(dtype)[6:]}/{layout}", contender=contender,
             ours=contender in OURS, shape=list(case.shape), num_tasks=case.num_tasks)

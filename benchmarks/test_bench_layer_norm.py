@@ -32,19 +32,27 @@ def contender_fn(name, weight, num_tasks):
 @pytest.mark.parametrize("case", layer_norm_cases(DEVICE), ids=lambda c: c.id)
 def test_ts_layer_norm(benchmark, measure, case, dtype, pass_, contender):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=g).to(device=DEVICE, dtype=dtype)
     weight = torch.randn(case.num_tasks, case.shape[-1], generator=g).to(DEVICE)
     fn = contender_fn(contender, weight, case.num_tasks)
-    if pass_ == "forward_backward":
-        x.requires_grad_(True)
-        grad = torch.randn_like(x)
 
-        def step():
-            return torch.autograd.grad(fn(x), x, grad)
-    else:
-        def step():
-            with torch.no_grad():
-                return fn(x)
-    measure(benchmark, step, bytes_moved=PASSES[pass_] * x.numel() * x.element_size(),
+    def make_step():
+        x = torch.randn(case.shape, generator=g).to(device=DEVICE, dtype=dtype)
+        if pass_ == "forward_backward":
+            x.requires_grad_(True)
+            grad = torch.randn(case.shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+            def step():
+                return torch.autograd.grad(fn(x), x, grad)
+        else:
+            def step():
+                with torch.no_grad():
+                    return fn(x)
+        return step
+
+    numel = 1
+    for d in case.shape:
+        numel *= d
+    measure(benchmark, make_step(), rotate=make_step,
+            bytes_moved=PASSES[pass_] * numel * torch.finfo(dtype).bits // 8,
             group=f"ts_layer_norm/{pass_}/{case.id}/{str(dtype)[6:]}", contender=contender,
             ours=contender not in BASELINES and contender != "eager")

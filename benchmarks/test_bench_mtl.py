@@ -77,4 +77,4 @@ def test_aggregate(benchmark, measure, case, contender):
     slow = contender == "libmtl_loop" and T > 8 and DEVICE == "cpu"   # ~T² full passes: one timed round
     measure(benchmark, step, bytes_moved=(2 * T * P + P) * G.element_size(),
             group=f"aggregate/{ids(case)}/float32", rounds=(1, 0) if slow else None, contender=contender,
-            ours=contender != "libmtl_loop")
+            ours=contender != "libmtl_loop", graph=contender != "libmtl_loop")

@@ -38,3 +38,24 @@ def test_markdown_table(tmp_path):
     assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
     assert "abcdef1234" in text
     assert png.stat().st_size > 1000
+
+
+def test_device_time_takes_precedence_and_names_its_method():
+    """CUDA results carry the event/graph-timed median in extra_info; the table uses it, not the host time."""
+    data = fake_results()
+    for bench, (device_s, timing) in zip(data["benchmarks"][:2], [(0.001, "cuda_graph"), (0.004, "events")]):
+        bench["extra_info"].update(device_median_s=device_s, timing=timing)
+    rows = {r["contender"]: r for r in report.rows_by_group(data)["g1"]}
+    assert rows["cpu"]["median"] == 0.001 and rows["eager"]["median"] == 0.004
+    assert rows["plain_batch_norm"]["median"] == 0.012 and rows["plain_batch_norm"]["timing"] == "host"
+    assert abs(report.speedups(list(rows.values()))["cpu"]["eager"] - 4.0) < 1e-12
+    text = report.markdown(data)
+    assert "| cpu | 1.000 |" in text and text.count("cuda_graph") == 1 and "| timing |" in text
+
+
+def test_rotation_exceeds_the_cache():
+    from benchmarks.conftest import MAX_ROTATION, rotation_count
+    cache = 50 << 20
+    assert rotation_count(1 << 30, cache) == 1
+    assert rotation_count(40 << 20, cache) == 4 and 4 * (40 << 20) >= 3 * cache
+    assert rotation_count(1 << 10, cache) == MAX_ROTATION
