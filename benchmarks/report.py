@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON into the tables of benchmarks/RESULTS.md and a plot.
 
-    python -m benchmarks.report RESULTS.json [--out TABLE.md] [--plot SPEEDUP.png]
+    python -m benchmarks.report RESULTS.json [--out TABLE.md] [--plot SPEEDUP.png] [--tuning-table TUNED.json]
 
 Per group: every contender's median time (on CUDA the device time of benchmarks/conftest.py), achieved GB/s under the ideal byte model, its fraction of the copy
 bandwidth measured in the same run, and the speed ratio against each baseline present in the group
@@ -41,6 +41,52 @@ def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
     by_name = {r["contender"]: r["median"] for r in rows}
     present = [b for b in BASELINES if b in by_name]
     return {r["contender"]: {b: by_name[b] / r["median"] for b in present if b != r["contender"]} for r in rows}
+
+
+FUSED = ("cuda", "triton", "cpu")
+
+
+def tuning_entries(data: dict) -> list[dict]:
+    """The fastest fused backend per norm-layer group with more than one of them, as "backend" entries of a
+    tsbn_kernels.tuning table: forward+backward groups give the training entries (forward groups only where no
+    forward+backward group was measured), eval groups the eval entries."""
+    best: dict[tuple, tuple[int, dict]] = {}
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        by_group[bench["group"]].append(bench)
+    for group, benches in by_group.items():
+        parts = group.split("/")
+        if parts[0] not in ("ts_batch_norm", "ts_layer_norm"):
+            continue
+        op, pass_, dtype = parts[0], parts[1], parts[3]
+        layout = parts[4] if len(parts) > 4 else "nchw"
+        times = {b["extra_info"]["contender"]: b["extra_info"].get("device_median_s", b["stats"]["median"])
+                 for b in benches if b["extra_info"].get("contender") in FUSED}
+        shape = next((b["extra_info"].get("shape") for b in benches if b["extra_info"].get("shape")), None)
+        if len(times) < 2 or not shape:
+            continue
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (op, pass_ != "eval", dtype, layout, numel)
+        rank = {"forward_backward": 0, "eval": 0, "forward": 1}[pass_]
+        entry = {"op": op, "training": pass_ != "eval", "dtype": dtype, "layout": layout, "numel": numel,
+                 "channels": shape[1] if op == "ts_batch_norm" else shape[-1], "best": min(times, key=times.get),
+                 "times": times, "measured_on": group}
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, entry)
+    return [entry for _, entry in sorted(best.values(), key=lambda r: r[1]["measured_on"])]
+
+
+def write_tuning_table(data: dict, path: str | pathlib.Path) -> int:
+    """Put the backend winners into the tuning table at ``path``, keeping its other keys (the Triton sweep)."""
+    path = pathlib.Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = tuning_entries(data)
+    device = next((b["extra_info"].get("device_name") for b in data["benchmarks"] if b.get("extra_info")), "?")
+    table.update(device_name=device, backend=entries, backend_commit=data.get("commit_info", {}).get("id", "?"))
+    path.write_text(json.dumps(table, indent=1))
+    return len(entries)
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -108,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", help="write the markdown here instead of stdout")
     parser.add_argument("--plot", help="write a PNG of the speed-ups over eager")
+    parser.add_argument("--tuning-table", help="write the fastest fused backend per shape into this "
+                        "tsbn_kernels.tuning table (backend=\"auto\" reads it)")
     args = parser.parse_args(argv)
     data = load(args.results)
     text = markdown(data)
@@ -117,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     if args.plot:
         plot(data, args.plot)
+    if args.tuning_table:
+        print(f"{write_tuning_table(data, args.tuning_table)} backend entries written to {args.tuning_table}")
     return 0
 
 

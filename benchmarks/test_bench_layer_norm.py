@@ -55,4 +55,5 @@ def test_ts_layer_norm(benchmark, measure, case, dtype, pass_, contender):
     measure(benchmark, make_step(), rotate=make_step,
             bytes_moved=PASSES[pass_] * numel * torch.finfo(dtype).bits // 8,
             group=f"ts_layer_norm/{pass_}/{case.id}/{str(dtype)[6:]}", contender=contender,
-            ours=contender not in BASELINES and contender != "eager")
+            ours=contender not in BASELINES and contender != "eager", shape=list(case.shape),
+            num_tasks=case.num_tasks)

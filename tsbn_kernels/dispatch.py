@@ -98,23 +98,45 @@ def available_backends(device: torch.device | str | None = None, op: str = "ts_b
     return sorted(names, key=lambda n: (n != "eager", n))
 
 
-def resolve(backend: str, device: torch.device, op: str) -> tuple[str, Callable]:
-    """The (name, implementation) that runs ``op`` on ``device`` for the requested backend."""
+def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None = None,
+            training: bool = True) -> tuple[str, Callable]:
+    """The (name, implementation) that runs ``op`` on ``device`` for the requested backend. For "auto" with
+    more than one fused backend available, the measured-fastest for x's shape (``tsbn_kernels.tuning``) wins
+    when a tuning table covers it; otherwise the first of ``AUTO_ORDER``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    available = available_backends(device, op)
+    shape_key = None
+    if x is not None and backend == "auto":
+        from . import tuning
+
+        shape_key = tuning.shape_key(op, x, training)
+    name = _choose(backend, torch.device(device).type, op, shape_key)
+    return name, _registry[name].ops[op]
+
+
+# The choice is plain Python over constants (names, the environment, the registry, a tuning table read from
+# disk), so torch.compile evaluates it once while tracing instead of tracing the lazy kernel-module imports
+# and file reads inside it: a module compiled with fullgraph=True before any eager call would break there.
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str, op: str, shape_key: tuple | None) -> str:
+    available = available_backends(device_type, op)
     if backend == "auto":
         override = os.environ.get("TSBN_BACKEND", "auto") or "auto"
-        if override != "auto" and override not in _registry and override not in AUTO_ORDER.get(device.type, ()):
+        if override != "auto" and override not in _registry and override not in AUTO_ORDER.get(device_type, ()):
             raise ValueError(f"TSBN_BACKEND={override!r} names no backend; known: {sorted(_registry)}")
         # The override picks the backend wherever it can run the op; elsewhere "auto" applies.
-        order = (override,) if override in available else AUTO_ORDER.get(device.type, ("eager",))
+        order = (override,) if override in available else AUTO_ORDER.get(device_type, ("eager",))
         backend = next((name for name in order if name in available), "eager")
+        fused = [name for name in order if name in available and name != "eager"]
+        if len(fused) > 1 and shape_key is not None:
+            from . import tuning
+
+            backend = tuning.choose_backend(device_type, shape_key, fused) or backend
     if backend not in available:
         hint = "".join(f"\n  {m}: {err}" for m, err in _import_errors.items())
-        raise ValueError(f"backend {backend!r} cannot run {op} on {device.type}; available there: {available}"
+        raise ValueError(f"backend {backend!r} cannot run {op} on {device_type}; available there: {available}"
                          + (f"\nkernel modules that failed to import:{hint}" if hint else ""))
-    return backend, _registry[backend].ops[op]
+    return backend
 
 
 register("eager", "ts_batch_norm", reference.ts_batch_norm, ("cpu", "cuda", "xpu", "mps", "meta"))

@@ -59,7 +59,7 @@ def ts_batch_norm(
                 num_batches_tracked.add_(present.long())
         if momentum is None:
             factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
-    _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm")
+    _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm", x, training)
     return impl(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
                 num_tasks=layout.num_tasks, training=training, momentum=factor, eps=float(eps), gate=gate,
                 activation=activation)
@@ -89,6 +89,7 @@ def ts_layer_norm(
     of B / T samples when ``task_ids`` is None.
     """
     layout = validation.check_layer_norm(x, weight, bias, task_ids, num_tasks, eps, gate)
-    _, impl = dispatch.resolve(backend, x.device, "ts_layer_norm")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    _, impl = dispatch.resolve(backend, x.device, "ts_layer_norm", x, needs_grad)
     return impl(x, weight, bias, task_ids=layout.task_ids, num_tasks=layout.num_tasks, eps=float(eps),
                 gate=gate)

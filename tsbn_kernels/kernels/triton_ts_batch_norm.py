@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ..reference import accumulation_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -233,11 +233,38 @@ def _task_of_samples(task_ids: Tensor | None, n: int, num_tasks: int, device) ->
     return (torch.arange(n, device=device, dtype=torch.int32) // max(n // num_tasks, 1))
 
 
-def _grid_shape(x: Tensor):
+_forced_tiles: dict | None = None
+
+
+class tile_config:
+    """Force the tile sizes of every launch inside the block (for sweeps: benchmarks/tune_triton.py)."""
+
+    def __init__(self, block_c: int, block_s: int, num_warps: int = 4):
+        self.config = {"block_c": block_c, "block_s": block_s, "num_warps": num_warps}
+
+    def __enter__(self):
+        global _forced_tiles
+        self.previous, _forced_tiles = _forced_tiles, self.config
+
+    def __exit__(self, *exc):
+        global _forced_tiles
+        _forced_tiles = self.previous
+
+
+def _grid_shape(x: Tensor, training: bool):
+    """(n, c, s, strides..., block_c, block_s, chunks, num_warps): a forced or swept tile configuration for x's
+    shape (tsbn_kernels.tuning), else the heuristic of ``_blocks``."""
     n, c, s, sn, sc, ss = _view_ncs(x)
     block_c, block_s = _blocks(c, s, channels_fast=sc == 1 and c > 1)
+    num_warps = 4
+    tuned = _forced_tiles or tuning.triton_config("ts_batch_norm", x, training)
+    if tuned:
+        block_c, block_s, num_warps = int(tuned["block_c"]), int(tuned["block_s"]), int(tuned.get("num_warps", 4))
+        for name, value in (("block_c", block_c), ("block_s", block_s), ("num_warps", num_warps)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Triton tile configuration {tuned}: {name} must be a power of two")
     chunks = triton.cdiv(s, block_s)
-    return n, c, s, sn, sc, ss, block_c, block_s, chunks
+    return n, c, s, sn, sc, ss, block_c, block_s, chunks, num_warps
 
 
 def _null(x: Tensor) -> Tensor:
@@ -250,7 +277,7 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
                       eps: float, sigmoid_gate: bool, relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as tsbn::ts_bn_forward: (y, mean, invstd, biased var, element count per task)."""
     x = _dense(x)
-    n, c, s, sn, sc, ss, block_c, block_s, chunks = _grid_shape(x)
+    n, c, s, sn, sc, ss, block_c, block_s, chunks, warps = _grid_shape(x, training)
     acc = accumulation_dtype(x.dtype)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     ids = _task_of_samples(task_ids, n, num_tasks, x.device)
@@ -260,7 +287,7 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
         part_m2 = torch.empty_like(part_mean)
         part_cnt = x.new_empty((tiles,), dtype=acc)
         _moments_kernel[(tiles, triton.cdiv(c, block_c))](x, part_mean, part_m2, part_cnt, c, s, sn, sc, ss, chunks,
-                                                          BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl)
+                                                          BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=warps)
         mean = x.new_empty((num_tasks, c), dtype=acc)
         var, invstd = torch.empty_like(mean), torch.empty_like(mean)
         count = x.new_empty((num_tasks,), dtype=acc)
@@ -279,7 +306,7 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
             x, y, ids, mean, invstd, weight.contiguous() if weight is not None else _null(x),
             bias.contiguous() if bias is not None else _null(x), c, s, sn, sc, ss, chunks,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
-            BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl)
+            BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=warps)
     return y, mean, invstd, var, count
 
 
@@ -299,7 +326,7 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     x = _dense(x)
     dy = grad_y.to(x.dtype)
     dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
-    n, c, s, sn, sc, ss, block_c, block_s, chunks = _grid_shape(x)
+    n, c, s, sn, sc, ss, block_c, block_s, chunks, warps = _grid_shape(x, True)
     ids = _task_of_samples(task_ids, n, num_tasks, x.device)
     acc = accumulation_dtype(x.dtype)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
@@ -313,7 +340,7 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     part_s2 = torch.empty_like(part_s1)
     _grad_sums_kernel[(tiles, triton.cdiv(c, block_c))](x, dy, ids, mean_acc, invstd_acc, w_arg, b_arg, part_s1, part_s2,
                                                         c, s, sn, sc, ss, chunks, BLOCK_C=block_c, BLOCK_S=block_s,
-                                                        **flags)
+                                                        num_warps=warps, **flags)
     s1 = x.new_empty((num_tasks, c), dtype=acc)
     s2 = torch.empty_like(s1)
     merge_c = min(128, triton.next_power_of_2(c)) if not INTERPRET else 16
@@ -322,7 +349,7 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     dx = torch.empty_like(x)
     _grad_input_kernel[(tiles, triton.cdiv(c, block_c))](
         x, dy, dx, ids, mean_acc, invstd_acc, w_arg, b_arg, s1, s2, count.to(acc).contiguous(), c, s, sn, sc,
-        ss, chunks, TRAINING=training, BLOCK_C=block_c, BLOCK_S=block_s, **flags)
+        ss, chunks, TRAINING=training, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **flags)
     if weight is not None:
         s2x = s2 * invstd_acc
         if sigmoid_gate:
