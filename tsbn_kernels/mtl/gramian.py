@@ -46,19 +46,25 @@ def _cpp_available() -> bool:
 
 
 def _resolve(backend: str, device: torch.device) -> str:
+    return _choose(backend, device.type)
+
+
+# Plain Python over constants (and lazy imports): torch.compile evaluates it once at trace time.
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str) -> str:
     if backend not in ("auto", "cpp", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'cpp', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and _triton_available():
+        if device_type == "cuda" and _triton_available():
             return "triton"
-        if device.type == "cpu" and _cpp_available():
+        if device_type == "cpu" and _cpp_available():
             return "cpp"
         return "torch"
-    if backend == "cpp" and (device.type != "cpu" or not _cpp_available()):
+    if backend == "cpp" and (device_type != "cpu" or not _cpp_available()):
         raise ValueError("backend='cpp' needs CPU tensors and the compiled extension tsbn_kernels._C")
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs triton (and a GPU, or TRITON_INTERPRET=1 for CPU tensors)")
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
     return backend
 
