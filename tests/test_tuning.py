@@ -1,6 +1,7 @@
 """Tuning tables: backend="auto" and the Triton tiles follow the measured winner for the nearest shape."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -79,7 +80,8 @@ def test_triton_runs_the_tabled_tiles_and_stays_correct(tmp_path, monkeypatch, c
     tiles = {"block_c": 8, "block_s": 16, "num_warps": 2}
     monkeypatch.setenv("TSBN_TUNING_TABLE", str(write_table(tmp_path / "t.json", triton=[
         entry(tiles, numel=x.numel(), channels=12, layout="channels_last" if channels_last else "nchw")])))
-    assert ttbn._grid_shape(x, True)[6:8] == (8, 16) and ttbn._grid_shape(x, True)[-1] == 2
+    grid = ttbn.grid_for(x, True)
+    assert (grid.block_c, grid.block_s, grid.num_warps) == (8, 16, 2)
     x.requires_grad_(True)
     y = tk.ts_batch_norm(x, weight, bias, rm.clone(), rv.clone(), backend="triton")
     want = reference.ts_batch_norm(x.double(), weight.double(), bias.double(), num_tasks=3)
@@ -131,15 +133,15 @@ def test_triton_sweep_keeps_correct_configs_and_picks_the_fastest(monkeypatch):
         return (1.0 if tiles is None else 1.0 / (tiles["block_c"] * tiles["block_s"])), "events"
 
     broken = (16, 64, 4)                                  # the "fastest" config computes garbage: rejected
-    real_grid_shape = ttbn._grid_shape
+    real_grid_for = ttbn.grid_for
 
-    def grid_shape(x, training):
-        shape = real_grid_shape(x, training)
-        return shape[:2] + (1,) + shape[3:] if ttbn._forced_tiles and tuple(ttbn._forced_tiles.values()) == broken \
-            else shape
+    def grid_for(x, training):
+        grid = real_grid_for(x, training)       # the broken config forgets all positions past the first
+        return dataclasses.replace(grid, s=1) \
+            if ttbn._forced_tiles and tuple(ttbn._forced_tiles.values()) == broken else grid
     monkeypatch.setattr(tune_triton, "device_time", fake_time)
     monkeypatch.setattr(tune_triton, "candidates", lambda channels_last, quick: [(4, 16, 4), (8, 32, 4), broken])
-    monkeypatch.setattr(ttbn, "_grid_shape", grid_shape)
+    monkeypatch.setattr(ttbn, "grid_for", grid_for)
     entry_ = tune_triton.sweep(NormCase("t", (6, 12, 7, 9), 3), torch.float32, True, True, quick=True)
     assert entry_["best"] == {"block_c": 8, "block_s": 32, "num_warps": 4}
     assert entry_["rejected"] == ["16x64w4"] and entry_["heuristic_s"] == 1.0

@@ -1,12 +1,15 @@
 """Backend "triton": task-specific (sigmoid) batch norm as Triton kernels.
 
 The input is viewed as [N, C, S] with its own strides, so NCHW and channels-last run without copies. Work is
-split into tiles of (one sample, a chunk of S, a tile of C): every tile belongs to exactly one task, which
-makes the reduction split independent of the task layout and fills the GPU (N·⌈S/BLOCK_S⌉·⌈C/BLOCK_C⌉
-programs, never only T·C). Tiles write partial moments (two-pass mean and M2 from registers) or partial
-gradient sums; a merge kernel combines them per (task, channel) in tile order with Chan's formula — no
-float atomics, so results are deterministic. Gate, affine, mean and rstd are folded into per-(task, channel)
-coefficients inside the apply kernels; the relu mask of the backward is recomputed from x.
+split into programs of (one sample, a span of S, a block of C): every program belongs to exactly one task,
+which makes the split independent of the task layout, and there are about eight programs per SM whatever T·C
+is (DESIGN.md §4: never a grid of only T·C programs). Each program walks its span in tiles, accumulating
+pivot-shifted sums per lane (exact when |mean| >> std), and writes one partial row; the merge kernel combines
+the few partial rows of each (task, channel) in row order, in float64, with the parallel form of Chan's
+formula — no float atomics, so results are deterministic. The apply kernels fold gate, affine, mean and rstd
+into per-(task, channel) coefficients held in registers for the whole span and run programs and tiles in the
+reverse order of the statistics pass, so their first reads hit what that pass left in L2; the backward
+recomputes the relu mask from x instead of storing it.
 
 Registered with torch.library.custom_op (opaque to torch.compile, with fake impls and autograd) rather than
 triton_op: triton_op's tracing into the kernel fails under TRITON_INTERPRET=1, which the CPU test suite uses.
@@ -14,6 +17,7 @@ triton_op: triton_op's tracing into the kernel fails under TRITON_INTERPRET=1, w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,9 +25,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import dispatch, tuning
+from .triton_utils import target_programs
 from ..reference import accumulation_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Partial rows the merge kernel reads per step.
+MERGE_ROWS = 8 if INTERPRET else 32
 
 
 def _view_ncs(x: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -47,69 +54,183 @@ def _dense(x: Tensor) -> Tensor:
 
 
 def _blocks(c: int, s: int, channels_fast: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S): the contiguous dim gets the long side of the tile for coalesced loads."""
+    """(BLOCK_C, BLOCK_S) of one tile: about 2K elements, the contiguous dim along the tile's long side so
+    loads coalesce into 16-byte vectors. Small under the interpreter, so that the tests' small shapes still
+    take several tiles per program and several programs per sample."""
     if INTERPRET:
-        return 16, 32
+        return (8, 4) if channels_fast else (2, 8)
     if channels_fast:
-        return min(64, triton.next_power_of_2(c)), 64
-    return min(4, triton.next_power_of_2(c)), min(1024, max(16, triton.next_power_of_2(s)))
+        block_c = min(128, triton.next_power_of_2(c))
+        return block_c, max(1, min(triton.next_power_of_2(s), 2048 // block_c))
+    block_s = min(1024, max(16, triton.next_power_of_2(s)))
+    return min(triton.next_power_of_2(c), max(1, 2048 // block_s)), block_s
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How one pass over x [N, C, S] is cut: programs of (sample, split of S, channel block), each walking
+    ``iters`` tiles of BLOCK_C × BLOCK_S; partial rows are indexed by tile = sample · splits + split."""
+    n: int
+    c: int
+    s: int
+    stride_n: int
+    stride_c: int
+    stride_s: int
+    block_c: int
+    block_s: int
+    num_warps: int
+    splits: int
+    iters: int
+
+    @property
+    def span(self) -> int:
+        return self.iters * self.block_s
+
+    @property
+    def c_blocks(self) -> int:
+        return triton.cdiv(self.c, self.block_c)
+
+    @property
+    def tiles(self) -> int:
+        return self.n * self.splits
+
+    @property
+    def programs(self) -> int:
+        return self.tiles * self.c_blocks
+
+    def args(self) -> tuple[int, ...]:
+        return (self.c, self.s, self.stride_n, self.stride_c, self.stride_s, self.splits, self.iters, self.tiles)
+
+
+_forced_tiles: dict | None = None
+
+
+class tile_config:
+    """Force the tile sizes of every launch inside the block (for sweeps: benchmarks/tune_triton.py)."""
+
+    def __init__(self, block_c: int, block_s: int, num_warps: int = 4, programs: int | None = None):
+        self.config = {"block_c": block_c, "block_s": block_s, "num_warps": num_warps}
+        if programs is not None:
+            self.config["programs"] = programs
+
+    def __enter__(self):
+        global _forced_tiles
+        self.previous, _forced_tiles = _forced_tiles, self.config
+
+    def __exit__(self, *exc):
+        global _forced_tiles
+        _forced_tiles = self.previous
+
+
+def grid_for(x: Tensor, training: bool) -> Grid:
+    """The cut of x: a forced or swept tile configuration for x's shape (tsbn_kernels.tuning), else the
+    heuristic of ``_blocks``; the split of S makes about ``target_programs`` programs."""
+    n, c, s, sn, sc, ss = _view_ncs(x)
+    block_c, block_s = _blocks(c, s, channels_fast=sc == 1 and c > 1)
+    num_warps = 4
+    target = target_programs(x.device)
+    tuned = _forced_tiles or tuning.triton_config("ts_batch_norm", x, training)
+    if tuned:
+        block_c, block_s, num_warps = int(tuned["block_c"]), int(tuned["block_s"]), int(tuned.get("num_warps", 4))
+        target = int(tuned.get("programs", target))
+        for name, value in (("block_c", block_c), ("block_s", block_s), ("num_warps", num_warps)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Triton tile configuration {tuned}: {name} must be a power of two")
+    chunks = max(1, triton.cdiv(s, block_s))
+    splits = min(chunks, max(1, triton.cdiv(target, max(1, n * triton.cdiv(c, block_c)))))
+    iters = triton.cdiv(chunks, splits)
+    return Grid(n, c, s, sn, sc, ss, block_c, block_s, num_warps, triton.cdiv(chunks, iters), iters)
 
 
 @triton.jit
-def _moments_kernel(x_ptr, mean_ptr, m2_ptr, cnt_ptr, C, S, stride_n, stride_c, stride_s, chunks,
+def _program_coords(pid, ids_ptr, C, splits, iters, tiles, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program pid's sample n, task t, first position of its span, channels and their (task, channel) index."""
+    c_blk = pid // tiles
+    tile = pid % tiles
+    n = tile // splits
+    s_start = (tile % splits) * iters * BLOCK_S
+    t = tl.load(ids_ptr + n)
+    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    return tile, n, t, s_start, cs, cs < C, t * C + cs
+
+
+@triton.jit
+def _tile(x_ptr, n, cs, c_ok, s0, S, stride_n, stride_c, stride_s, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the BLOCK_C × BLOCK_S tile of sample n starting at position s0."""
+    ss = s0 + tl.arange(0, BLOCK_S)
+    mask = c_ok[:, None] & (ss < S)[None, :]
+    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
+    return offs, mask
+
+
+@triton.jit
+def _moments_kernel(x_ptr, ids_ptr, mean_ptr, m2_ptr, C, S, stride_n, stride_c, stride_s, splits, iters, tiles,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    tile = tl.program_id(0)          # tile = n * chunks + chunk
-    c_blk = tl.program_id(1)
-    n = tile // chunks
-    chunk = tile % chunks
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_ok = cs < C
-    s_ok = ss < S
-    mask = c_ok[:, None] & s_ok[None, :]
-    ptrs = x_ptr + n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
-    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    # Shifted by the tile's first value per channel: the sum then stays exact when |mean| >> std.
-    first = n.to(tl.int64) * stride_n + cs.to(tl.int64) * stride_c + (chunk * BLOCK_S).to(tl.int64) * stride_s
+    tile, n, _, s_start, cs, c_ok, _ = _program_coords(tl.program_id(0), ids_ptr, C, splits, iters, tiles,
+                                                       BLOCK_C, BLOCK_S)
+    # Shifted by the span's first value per channel: per-lane sums of (x − pivot) and its square stay small,
+    # so the partial variance is exact even when |mean| >> std.
+    first = n.to(tl.int64) * stride_n + cs.to(tl.int64) * stride_c + s_start.to(tl.int64) * stride_s
     pivot = tl.load(x_ptr + first, mask=c_ok, other=0.0).to(ACC)
-    count = tl.sum(s_ok.to(ACC), axis=0)
-    mean = pivot + tl.sum(tl.where(mask, x - pivot[:, None], 0.0), axis=1) / count
-    d = tl.where(mask, x - mean[:, None], 0.0)
-    m2 = tl.sum(d * d, axis=1)
-    tl.store(mean_ptr + tile * C + cs, mean, mask=c_ok)
-    tl.store(m2_ptr + tile * C + cs, m2, mask=c_ok)
-    if c_blk == 0:
-        tl.store(cnt_ptr + tile, count)
+    sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    for i in range(iters):
+        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - pivot[:, None], 0.0)
+        sum1 += d
+        sum2 += d * d
+    count = tl.minimum(iters * BLOCK_S, S - s_start).to(ACC)
+    s1 = tl.sum(sum1, axis=1)
+    s2 = tl.sum(sum2, axis=1)
+    tl.store(mean_ptr + tile * C + cs, pivot + s1 / count, mask=c_ok)
+    tl.store(m2_ptr + tile * C + cs, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_ok)
 
 
 @triton.jit
-def _merge_moments_kernel(mean_ptr, m2_ptr, cnt_ptr, ids_ptr, out_mean_ptr, out_var_ptr, out_invstd_ptr,
-                          out_cnt_ptr, C, tiles, chunks, eps, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _partial_rows(ids_ptr, t, r0, C, S, splits, iters, tiles, cs, c_ok, BLOCK_R: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of the partials: which belong to task t, their element counts (float64, 0 for
+    other tasks), the [BLOCK_R, BLOCK_C] mask and offsets."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    r_ok = rows < tiles
+    mine = r_ok & (tl.load(ids_ptr + rows // splits, mask=r_ok, other=-1) == t)
+    span = iters * BLOCK_S
+    counts = tl.where(mine, tl.minimum(span, S - (rows % splits) * span), 0).to(tl.float64)
+    return counts, mine[:, None] & c_ok[None, :], rows[:, None] * C + cs[None, :]
+
+
+@triton.jit
+def _merge_moments_kernel(mean_ptr, m2_ptr, ids_ptr, out_mean_ptr, out_var_ptr, out_invstd_ptr, out_cnt_ptr, C, S,
+                          splits, iters, tiles, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0)
-    c_blk = tl.program_id(1)
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
-    # The merge runs in float64 whatever the input: it touches [tiles, C] values only, and fp32 rounding of a
-    # running mean with |mean| >> std would otherwise grow with the number of tiles.
+    # Float64 whatever the input: only [tiles, C] values pass through here, and a running mean with
+    # |mean| >> std would otherwise lose digits with every merged row.
     n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     mean = tl.zeros([BLOCK_C], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for tile in range(tiles):
-        mine = (tl.load(ids_ptr + tile // chunks) == t).to(tl.float64)
-        nb = tl.load(cnt_ptr + tile).to(tl.float64) * mine
-        mb = tl.load(mean_ptr + tile * C + cs, mask=c_ok, other=0.0).to(tl.float64)
-        qb = tl.load(m2_ptr + tile * C + cs, mask=c_ok, other=0.0).to(tl.float64)
-        total = n_acc + nb
+    for r0 in range(0, tiles, BLOCK_R):
+        counts, mask, offs = _partial_rows(ids_ptr, t, r0, C, S, splits, iters, tiles, cs, c_ok, BLOCK_R, BLOCK_S)
+        mb = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        qb = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        # The step's rows combined about their own mean, then merged into the running (count, mean, M2).
+        n_b = tl.sum(counts, axis=0)
+        mean_b = tl.sum(counts[:, None] * mb, axis=0) / tl.maximum(n_b, 1.0)
+        dev = tl.where(mask, mb - mean_b[None, :], 0.0)
+        m2_b = tl.sum(qb + counts[:, None] * dev * dev, axis=0)
+        total = n_acc + n_b
         safe = tl.maximum(total, 1.0)
-        delta = mb - mean
-        mean = mean + delta * (nb / safe)
-        m2 = m2 + qb * mine + delta * delta * (n_acc * nb / safe)
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / safe)
+        m2 = m2 + m2_b + delta * delta * (n_acc * n_b / safe)
         n_acc = total
     var = m2 / tl.maximum(n_acc, 1.0)
     tl.store(out_mean_ptr + t * C + cs, mean.to(ACC), mask=c_ok)
     tl.store(out_var_ptr + t * C + cs, var.to(ACC), mask=c_ok)
     tl.store(out_invstd_ptr + t * C + cs, (1.0 / tl.sqrt(var + eps)).to(ACC), mask=c_ok)
-    if c_blk == 0:
+    if tl.program_id(1) == 0:
         tl.store(out_cnt_ptr + t, tl.max(n_acc, axis=0).to(ACC))
 
 
@@ -128,84 +249,73 @@ def _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
-def _task_tile(tile, c_blk, ids_ptr, C, S, stride_n, stride_c, stride_s, chunks, BLOCK_C: tl.constexpr,
-               BLOCK_S: tl.constexpr):
-    """Coordinates of one (sample, S-chunk, channel-tile) tile: its task t, channels, mask, element offsets and
-    the (task, channel) indices k of its per-(task, channel) coefficients."""
-    n = tile // chunks
-    chunk = tile % chunks
-    t = tl.load(ids_ptr + n)
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_ok = cs < C
-    mask = c_ok[:, None] & (ss < S)[None, :]
-    offs = n.to(tl.int64) * stride_n + cs[:, None].to(tl.int64) * stride_c + ss[None, :].to(tl.int64) * stride_s
-    return t, cs, c_ok, mask, t * C + cs, offs
-
-
-@triton.jit
 def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, S, stride_n, stride_c, stride_s,
-                  chunks, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+                  splits, iters, tiles, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                   RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    # Programs run in reverse tile order: the tiles the statistics pass read last are still in L2.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                            chunks, BLOCK_C, BLOCK_S)
+    # Reverse program and tile order: the tiles the statistics pass read last are still in L2.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    _, n, _, s_start, cs, c_ok, k = _program_coords(pid, ids_ptr, C, splits, iters, tiles, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
     scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
-    if RELU:
-        y = tl.maximum(y, 0.0)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    for i in range(iters):
+        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
+                           stride_s, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grad_sums_kernel(x_ptr, dy_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s1_ptr, s2_ptr, C, S,
-                      stride_n, stride_c, stride_s, chunks, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SIGMOID: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                      ACC: tl.constexpr):
-    tile = tl.program_id(0)
-    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                            chunks, BLOCK_C, BLOCK_S)
+                      stride_n, stride_c, stride_s, splits, iters, tiles, HAS_WEIGHT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    tile, n, _, s_start, cs, c_ok, k = _program_coords(tl.program_id(0), ids_ptr, C, splits, iters, tiles,
+                                                       BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
-    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
-        scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
-        g = tl.where(d * scale[:, None] + shift[:, None] > 0.0, g, 0.0)
-    g = tl.where(mask, g, 0.0)
-    tl.store(s1_ptr + tile * C + cs, tl.sum(g, axis=1), mask=c_ok)
-    tl.store(s2_ptr + tile * C + cs, tl.sum(g * tl.where(mask, d, 0.0), axis=1), mask=c_ok)
+    a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
+    scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
+    sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    for i in range(iters):
+        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None], 0.0)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = tl.where(d * scale[:, None] + shift[:, None] > 0.0, g, 0.0)
+        g = tl.where(mask, g, 0.0)
+        sum1 += g
+        sum2 += g * d
+    tl.store(s1_ptr + tile * C + cs, tl.sum(sum1, axis=1), mask=c_ok)
+    tl.store(s2_ptr + tile * C + cs, tl.sum(sum2, axis=1), mask=c_ok)
 
 
 @triton.jit
-def _merge_sums_kernel(s1_ptr, s2_ptr, ids_ptr, out_s1_ptr, out_s2_ptr, C, tiles, chunks, BLOCK_C: tl.constexpr,
-                       ACC: tl.constexpr):
+def _merge_sums_kernel(s1_ptr, s2_ptr, ids_ptr, out_s1_ptr, out_s2_ptr, C, S, splits, iters, tiles,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0)
-    c_blk = tl.program_id(1)
-    cs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
-    s1 = tl.zeros([BLOCK_C], dtype=ACC)
-    s2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for tile in range(tiles):
-        mine = tl.load(ids_ptr + tile // chunks) == t
-        s1 += tl.where(mine, tl.load(s1_ptr + tile * C + cs, mask=c_ok, other=0.0), 0.0)
-        s2 += tl.where(mine, tl.load(s2_ptr + tile * C + cs, mask=c_ok, other=0.0), 0.0)
-    tl.store(out_s1_ptr + t * C + cs, s1, mask=c_ok)
-    tl.store(out_s2_ptr + t * C + cs, s2, mask=c_ok)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for r0 in range(0, tiles, BLOCK_R):
+        _, mask, offs = _partial_rows(ids_ptr, t, r0, C, S, splits, iters, tiles, cs, c_ok, BLOCK_R, BLOCK_S)
+        s1 += tl.sum(tl.load(s1_ptr + offs, mask=mask, other=0.0).to(tl.float64), axis=0)
+        s2 += tl.sum(tl.load(s2_ptr + offs, mask=mask, other=0.0).to(tl.float64), axis=0)
+    tl.store(out_s1_ptr + t * C + cs, s1.to(ACC), mask=c_ok)
+    tl.store(out_s2_ptr + t * C + cs, s2.to(ACC), mask=c_ok)
 
 
 @triton.jit
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s1_ptr, s2_ptr,
-                       cnt_ptr, C, S, stride_n, stride_c, stride_s, chunks, TRAINING: tl.constexpr,
+                       cnt_ptr, C, S, stride_n, stride_c, stride_s, splits, iters, tiles, TRAINING: tl.constexpr,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                        RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    t, cs, c_ok, mask, k, offs = _task_tile(tile, tl.program_id(1), ids_ptr, C, S, stride_n, stride_c, stride_s,
-                                            chunks, BLOCK_C, BLOCK_S)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    _, n, t, s_start, cs, c_ok, k = _program_coords(pid, ids_ptr, C, splits, iters, tiles, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + k, mask=c_ok, other=0.0)
     r = tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
@@ -219,12 +329,15 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
         s2 = tl.load(s2_ptr + k, mask=c_ok, other=0.0)
         coef_d = -coef_dy * r * r * s2 / m
         coef_0 = -coef_dy * s1 / m
-    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        g = tl.where(d * (a * r)[:, None] + shift[:, None] > 0.0, g, 0.0)
-    dx = coef_dy[:, None] * g + coef_d[:, None] * d + coef_0[:, None]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    for i in range(iters):
+        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
+                           stride_s, BLOCK_S)
+        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = tl.where(d * coef_dy[:, None] + shift[:, None] > 0.0, g, 0.0)
+        dx = coef_dy[:, None] * g + coef_d[:, None] * d + coef_0[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _task_of_samples(task_ids: Tensor | None, n: int, num_tasks: int, device) -> Tensor:
@@ -233,42 +346,17 @@ def _task_of_samples(task_ids: Tensor | None, n: int, num_tasks: int, device) ->
     return (torch.arange(n, device=device, dtype=torch.int32) // max(n // num_tasks, 1))
 
 
-_forced_tiles: dict | None = None
-
-
-class tile_config:
-    """Force the tile sizes of every launch inside the block (for sweeps: benchmarks/tune_triton.py)."""
-
-    def __init__(self, block_c: int, block_s: int, num_warps: int = 4):
-        self.config = {"block_c": block_c, "block_s": block_s, "num_warps": num_warps}
-
-    def __enter__(self):
-        global _forced_tiles
-        self.previous, _forced_tiles = _forced_tiles, self.config
-
-    def __exit__(self, *exc):
-        global _forced_tiles
-        _forced_tiles = self.previous
-
-
-def _grid_shape(x: Tensor, training: bool):
-    """(n, c, s, strides..., block_c, block_s, chunks, num_warps): a forced or swept tile configuration for x's
-    shape (tsbn_kernels.tuning), else the heuristic of ``_blocks``."""
-    n, c, s, sn, sc, ss = _view_ncs(x)
-    block_c, block_s = _blocks(c, s, channels_fast=sc == 1 and c > 1)
-    num_warps = 4
-    tuned = _forced_tiles or tuning.triton_config("ts_batch_norm", x, training)
-    if tuned:
-        block_c, block_s, num_warps = int(tuned["block_c"]), int(tuned["block_s"]), int(tuned.get("num_warps", 4))
-        for name, value in (("block_c", block_c), ("block_s", block_s), ("num_warps", num_warps)):
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"Triton tile configuration {tuned}: {name} must be a power of two")
-    chunks = triton.cdiv(s, block_s)
-    return n, c, s, sn, sc, ss, block_c, block_s, chunks, num_warps
-
-
 def _null(x: Tensor) -> Tensor:
     return x.new_empty((1,), dtype=torch.float32)
+
+
+def _merge_block_c(c: int) -> int:
+    return 16 if INTERPRET else min(64, triton.next_power_of_2(c))
+
+
+def _acc(x: Tensor):
+    acc = accumulation_dtype(x.dtype)
+    return acc, tl.float64 if acc == torch.float64 else tl.float32
 
 
 @torch.library.custom_op("tsbn::triton_bn_forward", mutates_args=())
@@ -277,24 +365,21 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
                       eps: float, sigmoid_gate: bool, relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as tsbn::ts_bn_forward: (y, mean, invstd, biased var, element count per task)."""
     x = _dense(x)
-    n, c, s, sn, sc, ss, block_c, block_s, chunks, warps = _grid_shape(x, training)
-    acc = accumulation_dtype(x.dtype)
-    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
-    ids = _task_of_samples(task_ids, n, num_tasks, x.device)
+    grid = grid_for(x, training)
+    acc, acc_tl = _acc(x)
+    ids = _task_of_samples(task_ids, grid.n, num_tasks, x.device)
     if training:
-        tiles = n * chunks
-        part_mean = x.new_empty((tiles, c), dtype=acc)
+        part_mean = x.new_empty((grid.tiles, grid.c), dtype=acc)
         part_m2 = torch.empty_like(part_mean)
-        part_cnt = x.new_empty((tiles,), dtype=acc)
-        _moments_kernel[(tiles, triton.cdiv(c, block_c))](x, part_mean, part_m2, part_cnt, c, s, sn, sc, ss, chunks,
-                                                          BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=warps)
-        mean = x.new_empty((num_tasks, c), dtype=acc)
+        _moments_kernel[(grid.programs,)](x, ids, part_mean, part_m2, *grid.args(), BLOCK_C=grid.block_c,
+                                          BLOCK_S=grid.block_s, ACC=acc_tl, num_warps=grid.num_warps)
+        mean = x.new_empty((num_tasks, grid.c), dtype=acc)
         var, invstd = torch.empty_like(mean), torch.empty_like(mean)
         count = x.new_empty((num_tasks,), dtype=acc)
-        merge_c = min(128, triton.next_power_of_2(c)) if not INTERPRET else 16
-        _merge_moments_kernel[(num_tasks, triton.cdiv(c, merge_c))](
-            part_mean, part_m2, part_cnt, ids, mean, var, invstd, count, c, tiles, chunks, eps, BLOCK_C=merge_c,
-            ACC=acc_tl)
+        merge_c = _merge_block_c(grid.c)
+        _merge_moments_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
+            part_mean, part_m2, ids, mean, var, invstd, count, grid.c, grid.s, grid.splits, grid.iters, grid.tiles,
+            eps, BLOCK_R=MERGE_ROWS, BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=acc_tl)
     else:
         mean = running_mean.to(acc, copy=True).contiguous()
         var = running_var.to(acc, copy=True).contiguous()
@@ -302,11 +387,11 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
         count = x.new_zeros((num_tasks,), dtype=acc)
     y = torch.empty_like(x)
     if x.numel():
-        _apply_kernel[(n * chunks, triton.cdiv(c, block_c))](
+        _apply_kernel[(grid.programs,)](
             x, y, ids, mean, invstd, weight.contiguous() if weight is not None else _null(x),
-            bias.contiguous() if bias is not None else _null(x), c, s, sn, sc, ss, chunks,
+            bias.contiguous() if bias is not None else _null(x), *grid.args(),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
-            BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=warps)
+            BLOCK_C=grid.block_c, BLOCK_S=grid.block_s, ACC=acc_tl, num_warps=grid.num_warps)
     return y, mean, invstd, var, count
 
 
@@ -326,30 +411,29 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     x = _dense(x)
     dy = grad_y.to(x.dtype)
     dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
-    n, c, s, sn, sc, ss, block_c, block_s, chunks, warps = _grid_shape(x, True)
-    ids = _task_of_samples(task_ids, n, num_tasks, x.device)
-    acc = accumulation_dtype(x.dtype)
-    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    grid = grid_for(x, True)
+    ids = _task_of_samples(task_ids, grid.n, num_tasks, x.device)
+    acc, acc_tl = _acc(x)
     mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    tiles = n * chunks
     w_arg = weight.contiguous() if weight is not None else _null(x)
     b_arg = bias.contiguous() if bias is not None else _null(x)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
-                 ACC=acc_tl)
-    part_s1 = x.new_empty((tiles, c), dtype=acc)
+                 ACC=acc_tl, BLOCK_C=grid.block_c, BLOCK_S=grid.block_s)
+    part_s1 = x.new_empty((grid.tiles, grid.c), dtype=acc)
     part_s2 = torch.empty_like(part_s1)
-    _grad_sums_kernel[(tiles, triton.cdiv(c, block_c))](x, dy, ids, mean_acc, invstd_acc, w_arg, b_arg, part_s1, part_s2,
-                                                        c, s, sn, sc, ss, chunks, BLOCK_C=block_c, BLOCK_S=block_s,
-                                                        num_warps=warps, **flags)
-    s1 = x.new_empty((num_tasks, c), dtype=acc)
-    s2 = torch.empty_like(s1)
-    merge_c = min(128, triton.next_power_of_2(c)) if not INTERPRET else 16
-    _merge_sums_kernel[(num_tasks, triton.cdiv(c, merge_c))](part_s1, part_s2, ids, s1, s2, c, tiles, chunks,
-                                                             BLOCK_C=merge_c, ACC=acc_tl)
+    s1 = x.new_zeros((num_tasks, grid.c), dtype=acc)
+    s2 = torch.zeros_like(s1)
     dx = torch.empty_like(x)
-    _grad_input_kernel[(tiles, triton.cdiv(c, block_c))](
-        x, dy, dx, ids, mean_acc, invstd_acc, w_arg, b_arg, s1, s2, count.to(acc).contiguous(), c, s, sn, sc,
-        ss, chunks, TRAINING=training, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **flags)
+    if x.numel():
+        _grad_sums_kernel[(grid.programs,)](x, dy, ids, mean_acc, invstd_acc, w_arg, b_arg, part_s1, part_s2,
+                                            *grid.args(), num_warps=grid.num_warps, **flags)
+        merge_c = _merge_block_c(grid.c)
+        _merge_sums_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
+            part_s1, part_s2, ids, s1, s2, grid.c, grid.s, grid.splits, grid.iters, grid.tiles, BLOCK_R=MERGE_ROWS,
+            BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=acc_tl)
+        _grad_input_kernel[(grid.programs,)](
+            x, dy, dx, ids, mean_acc, invstd_acc, w_arg, b_arg, s1, s2, count.to(acc).contiguous(), *grid.args(),
+            TRAINING=training, num_warps=grid.num_warps, **flags)
     if weight is not None:
         s2x = s2 * invstd_acc
         if sigmoid_gate:

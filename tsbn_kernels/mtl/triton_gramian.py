@@ -1,7 +1,10 @@
 """Triton kernels for the Gramian and the combination of per-task gradients G [T, P] (DESIGN.md §3).
 
-gramian: programs split P; each accumulates the [T, T] product of its columns with tl.dot (IEEE fp32, not
-tf32) and writes a partial, summed in fixed order afterwards — one pass over G, deterministic.
+gramian: programs split P; each accumulates the [T, T] product of its columns and writes a partial, summed in
+fixed order afterwards — one pass over G, deterministic. A few tasks: the outer product as broadcast multiply-
+adds (T² FMAs per column, far under the memory rate). Many tasks: tl.dot in 3xTF32 (tensor cores, about fp32
+accuracy), since plain fp32 FMAs at T ≥ 16 would make the pass compute-bound (a 64×64 tile costs ~100 FMAs per
+loaded value, more than an H100's fp32 units deliver at full memory bandwidth).
 combine: one program per column block computes wᵀG for its columns — one more pass, P writes.
 """
 from __future__ import annotations
@@ -13,7 +16,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..kernels.triton_utils import target_programs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# From this many tasks on, the Gramian tile goes through tl.dot (whose operands need 16 rows).
+DOT_MIN_TASKS = 9
 
 
 @triton.jit
@@ -29,7 +36,7 @@ def _gramian_partial_kernel(g_ptr, part_ptr, T, P, stride_t, cols_per_program, B
         mask = t_ok[:, None] & (ps < P)[None, :] & (ps < start + cols_per_program)[None, :]
         g = tl.load(g_ptr + ts[:, None].to(tl.int64) * stride_t + ps[None, :], mask=mask, other=0.0).to(ACC)
         if USE_DOT:
-            acc += tl.dot(g, tl.trans(g), input_precision="ieee")
+            acc += tl.dot(g, tl.trans(g), input_precision="tf32x3")
         else:
             acc += tl.sum(g[:, None, :] * g[None, :, :], axis=2)
     out = part_ptr + pid * BLOCK_T * BLOCK_T + ts[:, None] * BLOCK_T + ts[None, :]
@@ -57,18 +64,20 @@ def triton_gramian(G: Tensor) -> Tensor:
     G = G if G.stride(1) == 1 else G.contiguous()
     T, P = G.shape
     acc, acc_tl = _acc(G.dtype)
-    block_t = max(16, triton.next_power_of_2(T))
-    block_p = 32 if INTERPRET else max(16, min(256, 8192 // block_t))
+    use_dot = T >= DOT_MIN_TASKS and G.dtype != torch.float64   # no 3xTF32 for float64
+    block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
     if INTERPRET:
-        programs = max(1, min(4, triton.cdiv(P, block_p)))
-    else:
-        programs = max(1, min(torch.cuda.get_device_properties(G.device).multi_processor_count * 4,
-                              triton.cdiv(P, block_p)))
+        block_p = 32
+    elif use_dot:
+        block_p = max(16, min(64, 2048 // block_t))   # 3xTF32 splits each operand in two: keep it in registers
+    else:   # the broadcast product holds block_t² · block_p values
+        block_p = max(128, min(2048, 8192 // (block_t * block_t)))
+    programs = max(1, min(target_programs(G.device, 4), triton.cdiv(P, block_p)))
     cols = triton.cdiv(triton.cdiv(P, programs), block_p) * block_p
     programs = triton.cdiv(P, cols)
     partials = torch.empty(programs, block_t, block_t, dtype=acc, device=G.device)
     _gramian_partial_kernel[(programs,)](G, partials, T, P, G.stride(0), cols, BLOCK_T=block_t, BLOCK_P=block_p,
-                                         ACC=acc_tl, USE_DOT=not INTERPRET)
+                                         ACC=acc_tl, USE_DOT=use_dot)
     # Fixed-order sum of the partials (a reduction over a fixed dimension: deterministic).
     return partials.sum(dim=0)[:T, :T]
 
