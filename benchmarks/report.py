@@ -1,6 +1,9 @@
 """Turn a pytest-benchmark JSON into the tables of benchmarks/RESULTS.md and a plot.
 
-    python -m benchmarks.report RESULTS.json [--out TABLE.md] [--plot SPEEDUP.png] [--tuning-table TUNED.json]
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--out TABLE.md] [--plot SPEEDUP.png]
+                                [--tuning-table TUNED.json]
+
+Several JSON files (one pytest-benchmark run each, e.g. the phases of benchmarks/gpu_check.sh) are read as one.
 
 Per group: every contender's median time (on CUDA the device time of benchmarks/conftest.py), achieved GB/s under the ideal byte model, its fraction of the copy
 bandwidth measured in the same run, and the speed ratio against each baseline present in the group
@@ -17,8 +20,12 @@ BASELINES = ("eager", "loop_F.batch_norm", "plain_batch_norm", "compiled_referen
              "libmtl_loop", "unchunked_matmul", "ordinary_backward", "per_task_loop")
 
 
-def load(path: str | pathlib.Path) -> dict:
-    return json.loads(pathlib.Path(path).read_text())
+def load(*paths: str | pathlib.Path) -> dict:
+    """One pytest-benchmark JSON, or several merged: the first file's machine and commit, every benchmark."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    merged = dict(runs[0])
+    merged["benchmarks"] = [b for run in runs for b in run.get("benchmarks", [])]
+    return merged
 
 
 def rows_by_group(data: dict) -> dict[str, list[dict]]:
@@ -151,13 +158,13 @@ def plot(data: dict, path: str | pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON (--benchmark-json); several are merged")
     parser.add_argument("--out", help="write the markdown here instead of stdout")
     parser.add_argument("--plot", help="write a PNG of the speed-ups over eager")
     parser.add_argument("--tuning-table", help="write the fastest fused backend per shape into this "
                         "tsbn_kernels.tuning table (backend=\"auto\" reads it)")
     args = parser.parse_args(argv)
-    data = load(args.results)
+    data = load(*args.results)
     text = markdown(data)
     if args.out:
         pathlib.Path(args.out).write_text(text)
