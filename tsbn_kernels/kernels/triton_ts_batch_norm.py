@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import dispatch, tuning
-from .triton_utils import target_programs
 from ..reference import accumulation_dtype
+from .triton_utils import accumulation_types, target_programs, task_of_samples
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Partial rows the merge kernel reads per step.
@@ -340,23 +340,12 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _task_of_samples(task_ids: Tensor | None, n: int, num_tasks: int, device) -> Tensor:
-    if task_ids is not None:
-        return task_ids.to(torch.int32)
-    return (torch.arange(n, device=device, dtype=torch.int32) // max(n // num_tasks, 1))
-
-
 def _null(x: Tensor) -> Tensor:
     return x.new_empty((1,), dtype=torch.float32)
 
 
 def _merge_block_c(c: int) -> int:
     return 16 if INTERPRET else min(64, triton.next_power_of_2(c))
-
-
-def _acc(x: Tensor):
-    acc = accumulation_dtype(x.dtype)
-    return acc, tl.float64 if acc == torch.float64 else tl.float32
 
 
 @torch.library.custom_op("tsbn::triton_bn_forward", mutates_args=())
@@ -366,8 +355,8 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
     """Same contract as tsbn::ts_bn_forward: (y, mean, invstd, biased var, element count per task)."""
     x = _dense(x)
     grid = grid_for(x, training)
-    acc, acc_tl = _acc(x)
-    ids = _task_of_samples(task_ids, grid.n, num_tasks, x.device)
+    acc, acc_tl = accumulation_types(x.dtype)
+    ids = task_of_samples(task_ids, grid.n, num_tasks, x.device)
     if training:
         part_mean = x.new_empty((grid.tiles, grid.c), dtype=acc)
         part_m2 = torch.empty_like(part_mean)
@@ -412,8 +401,8 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     dy = grad_y.to(x.dtype)
     dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
     grid = grid_for(x, True)
-    ids = _task_of_samples(task_ids, grid.n, num_tasks, x.device)
-    acc, acc_tl = _acc(x)
+    ids = task_of_samples(task_ids, grid.n, num_tasks, x.device)
+    acc, acc_tl = accumulation_types(x.dtype)
     mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
     w_arg = weight.contiguous() if weight is not None else _null(x)
     b_arg = bias.contiguous() if bias is not None else _null(x)

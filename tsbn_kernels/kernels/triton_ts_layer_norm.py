@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference import accumulation_dtype
-from .triton_utils import target_programs
+from .triton_utils import accumulation_types, target_programs, task_of_samples
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Partial rows the merge kernel reads per step.
@@ -143,17 +143,6 @@ def _backward_split(batch: int, row_blocks: int, device) -> tuple[int, int]:
     return triton.cdiv(max(row_blocks, 1), iters), iters
 
 
-def _task_of_samples(task_ids: Tensor | None, batch: int, num_tasks: int, device) -> Tensor:
-    if task_ids is not None:
-        return task_ids.to(torch.int32)
-    return torch.arange(batch, device=device, dtype=torch.int32) // max(batch // num_tasks, 1)
-
-
-def _acc(x: Tensor):
-    acc = accumulation_dtype(x.dtype)
-    return acc, tl.float64 if acc == torch.float64 else tl.float32
-
-
 @torch.library.custom_op("tsbn::triton_ln_forward", mutates_args=())
 def triton_ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, task_ids: Tensor | None,
                       num_tasks: int, normalized_ndim: int, eps: float, sigmoid_gate: bool
@@ -161,8 +150,8 @@ def triton_ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, tas
     """(y, mean, rstd) with one mean and rstd per token, in the accumulation dtype."""
     x = x.contiguous()
     batch, tokens, d, block_d, block_m, row_blocks = _geometry(x, normalized_ndim)
-    acc, acc_tl = _acc(x)
-    ids = _task_of_samples(task_ids, batch, num_tasks, x.device)
+    acc, acc_tl = accumulation_types(x.dtype)
+    ids = task_of_samples(task_ids, batch, num_tasks, x.device)
     y = torch.empty_like(x)
     mean = x.new_empty((batch * tokens,), dtype=acc)
     rstd = torch.empty_like(mean)
@@ -190,8 +179,8 @@ def triton_ln_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     x = x.contiguous()
     dy = grad_y.to(x.dtype).contiguous()
     batch, tokens, d, block_d, block_m, row_blocks = _geometry(x, normalized_ndim, tile_values=2048)
-    acc, acc_tl = _acc(x)
-    ids = _task_of_samples(task_ids, batch, num_tasks, x.device)
+    acc, acc_tl = accumulation_types(x.dtype)
+    ids = task_of_samples(task_ids, batch, num_tasks, x.device)
     splits, iters = _backward_split(batch, row_blocks, x.device)
     programs = batch * splits
     dx = torch.empty_like(x)

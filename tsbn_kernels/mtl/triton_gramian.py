@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..kernels.triton_utils import target_programs
+from ..kernels.triton_utils import accumulation_types, target_programs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # From this many tasks on, the Gramian tile goes through tl.dot (whose operands need 16 rows).
@@ -56,14 +56,10 @@ def _combine_kernel(g_ptr, w_ptr, out_ptr, T, P, stride_t, BLOCK_T: tl.constexpr
     tl.store(out_ptr + ps, tl.sum(g * w[:, None], axis=0).to(out_ptr.dtype.element_ty), mask=ps < P)
 
 
-def _acc(dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def triton_gramian(G: Tensor) -> Tensor:
     G = G if G.stride(1) == 1 else G.contiguous()
     T, P = G.shape
-    acc, acc_tl = _acc(G.dtype)
+    acc, acc_tl = accumulation_types(G.dtype)
     use_dot = T >= DOT_MIN_TASKS and G.dtype != torch.float64   # no 3xTF32 for float64
     block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
     if INTERPRET:
@@ -85,7 +81,7 @@ def triton_gramian(G: Tensor) -> Tensor:
 def triton_combine(G: Tensor, w: Tensor) -> Tensor:
     G = G if G.stride(1) == 1 else G.contiguous()
     T, P = G.shape
-    acc, acc_tl = _acc(G.dtype)
+    acc, acc_tl = accumulation_types(G.dtype)
     block_t = triton.next_power_of_2(T)
     block_p = 64 if INTERPRET else max(128, min(2048, 16384 // block_t))
     out = torch.empty(P, dtype=G.dtype, device=G.device)
