@@ -265,3 +265,36 @@ def test_property_slab_equals_split(num_tasks, per_task, channels, spatial, dtyp
                     tol = LARGE_MEAN_TOL[name]
                     torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
                                                msg=lambda m: f"{name}: {m}")
+
+
+# ---- The interleaved (channels-last, 2-D) path: blocks of whole rows, merged in block order ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(11, 8, 48, 50), (11, 3, 70, 90), (11, 300, 9, 8), (11, 6, 5, 9, 70), (11, 37)],
+                         ids=str)
+def test_interleaved_independent_of_thread_count(dtype, shape):
+    """Several blocks per sample (a ragged last one), ragged tasks, relu: the same bits at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(24)
+    x = make_input(shape, dtype, channels_last=len(shape) >= 4, offset=3.0, generator=g)
+    assert path_of(x, RAGGED, 5, False) == "interleaved"
+    weight, bias, rm, rv = make_params(5, shape[1], param_dtype(dtype), generator=g)
+    results = []
+    for threads in (1, 2):
+        with cpu_path(None, threads):
+            results.append(run("cpu", x, weight, bias, (rm, rv), task_ids=RAGGED, activation="relu"))
+    assert_bitwise(*results)
+    want = run("reference64", x, weight, bias, (rm, rv), task_ids=RAGGED, activation="relu")
+    assert_matches(results[0], want, dtype, x)
+
+
+def test_interleaved_large_mean_many_blocks():
+    """|mean| = 1e4·std over several blocks per sample: the block-order Chan merge keeps the variance."""
+    g = torch.Generator().manual_seed(25)
+    x = make_input((6, 4, 80, 64), torch.float32, channels_last=True, offset=1e4, generator=g)
+    weight, bias, rm, rv = make_params(3, 4, generator=g)
+    got = run("cpu", x, weight, bias, (rm, rv))
+    want = run("reference64", x, weight, bias, (rm, rv))
+    for name, a, b in zip(LARGE_MEAN_TOL, got, want):
+        tol = LARGE_MEAN_TOL[name]
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")

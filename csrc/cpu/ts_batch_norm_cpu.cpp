@@ -40,8 +40,10 @@
 namespace tsbn {
 namespace {
 
-// Rows of a channels-last block: about 16 KiB of values per block keeps the second pass in L1/L2.
-constexpr int64_t kInterleavedBlockValues = 4096;
+// Values of a channels-last block (whole rows of C channels): 64 KiB of fp32, so the second pass of its
+// moments re-reads it from L2, while the [blocks, C] partials stay at 1/32 of x and the merge short. 4096
+// values (partials 1/8 of x) measured 15-25% slower on the 2-core EPYC VM; 32768 and 65536 were no faster.
+constexpr int64_t kInterleavedBlockValues = 16384;
 
 // Largest slab work item (the bytes of x of its (task, channel) units; backward: of x and dy) done end to
 // end. Half of the 1 MiB per-core L2 of the machines this was tuned on: the item's outputs (forward: y as
@@ -256,6 +258,8 @@ _Pragma("omp simd")
 }
 
 // s1 = Σ dy', s2 = Σ dy'·(x − mean) over one plane, dy' = dy masked by the relu recomputed from x.
+// The relu loops here and below load dy unconditionally and select on the value: a conditional load cannot be
+// if-converted without masked loads (none in SSE2), and the loop would stay scalar.
 template <typename scalar_t, typename acc_t>
 TSBN_NOINLINE void plane_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t S, acc_t mu, acc_t sc, acc_t sh,
                                    bool relu, acc_t* s1, acc_t* s2) {
@@ -263,8 +267,8 @@ TSBN_NOINLINE void plane_grad_sums(const scalar_t* x, const scalar_t* dy, int64_
   if (relu) {
 _Pragma("omp simd reduction(+ : a1, a2)")
     for (int64_t i = 0; i < S; ++i) {
-      const acc_t d = load_acc<acc_t>(x, i) - mu;
-      const acc_t g = d * sc + sh > acc_t(0) ? load_acc<acc_t>(dy, i) : acc_t(0);
+      const acc_t d = load_acc<acc_t>(x, i) - mu, gv = load_acc<acc_t>(dy, i);
+      const acc_t g = d * sc + sh > acc_t(0) ? gv : acc_t(0);
       a1 += g;
       a2 += g * d;
     }
@@ -291,11 +295,19 @@ template <typename scalar_t, typename acc_t>
 TSBN_NOINLINE void plane_dx(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t mu, DxCoef<acc_t> k,
                             acc_t sc, acc_t sh, bool relu) {
   const acc_t a_ = k.A, b_ = k.B, c_ = k.K;
+  if (relu) {
 _Pragma("omp simd")
-  for (int64_t i = 0; i < S; ++i) {
-    const acc_t d = load_acc<acc_t>(x, i) - mu;
-    const acc_t g = (!relu || d * sc + sh > acc_t(0)) ? load_acc<acc_t>(dy, i) : acc_t(0);
-    store_elem(dx, i, a_ * g + b_ * d + c_);
+    for (int64_t i = 0; i < S; ++i) {
+      const acc_t d = load_acc<acc_t>(x, i) - mu, gv = load_acc<acc_t>(dy, i);
+      const acc_t g = d * sc + sh > acc_t(0) ? gv : acc_t(0);
+      store_elem(dx, i, a_ * g + b_ * d + c_);
+    }
+  } else {
+_Pragma("omp simd")
+    for (int64_t i = 0; i < S; ++i) {
+      const acc_t d = load_acc<acc_t>(x, i) - mu;
+      store_elem(dx, i, a_ * load_acc<acc_t>(dy, i) + b_ * d + c_);
+    }
   }
 }
 
@@ -406,19 +418,50 @@ Stats batch_stats(const Blocks& b, int64_t T, double eps) {
   acc_t* var = st.var.data_ptr<acc_t>();
   acc_t* invstd = st.invstd.data_ptr<acc_t>();
   // Chan merge in block order, in double: deterministic whatever the thread count.
+  if (!b.interleaved) {
+    // Planar: one partial per (sample, channel), merged exactly as the slab path merges them.
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      const int64_t width = c1 - c0;
+      std::vector<Moments> acc(T * width);
+      for (int64_t blk = 0; blk < B; ++blk) {
+        const int64_t t = b.task_of[blk];
+        for (int64_t c = c0; c < c1; ++c)
+          chan_merge(acc[t * width + (c - c0)], static_cast<double>(b.S), part_mean[blk * C + c],
+                     part_m2[blk * C + c]);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t k = t * C + c;
+          finish_moments<acc_t>(acc[t * width + (c - c0)], eps, mean + k, var + k, invstd + k);
+        }
+    });
+    return st;
+  }
+  // Interleaved: all channels of a block share its count and the task's running count, so the merge weights
+  // nb/n and na·nb/n are computed once per block and the channel loop vectorises.
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
-    std::vector<Moments> acc(T * width);
+    std::vector<double> cnt(T, 0.0), mu(T * width, 0.0), m2(T * width, 0.0);
     for (int64_t blk = 0; blk < B; ++blk) {
       const int64_t t = b.task_of[blk / b.blocks_per_sample];
       const double nb = static_cast<double>(b.rows_in(blk % b.blocks_per_sample));
-      for (int64_t c = c0; c < c1; ++c)
-        chan_merge(acc[t * width + (c - c0)], nb, part_mean[blk * C + c], part_m2[blk * C + c]);
+      const double na = cnt[t], n = na + nb, wb = nb / n, wab = na * wb;
+      cnt[t] = n;
+      const acc_t* pm = part_mean.data() + blk * C + c0;
+      const acc_t* pq = part_m2.data() + blk * C + c0;
+      double* mu_t = mu.data() + t * width;
+      double* m2_t = m2.data() + t * width;
+_Pragma("omp simd")
+      for (int64_t c = 0; c < width; ++c) {
+        const double delta = static_cast<double>(pm[c]) - mu_t[c];
+        mu_t[c] += delta * wb;
+        m2_t[c] += static_cast<double>(pq[c]) + delta * delta * wab;
+      }
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t k = t * C + c;
-        finish_moments<acc_t>(acc[t * width + (c - c0)], eps, mean + k, var + k, invstd + k);
+        const int64_t k = t * C + c, j = t * width + (c - c0);
+        finish_moments<acc_t>(Moments{cnt[t], mu[j], m2[j]}, eps, mean + k, var + k, invstd + k);
       }
   });
   return st;
@@ -598,12 +641,21 @@ void block_grad_sums(const Blocks& b, const scalar_t* x, const scalar_t* dy, int
   for (int64_t r = 0, rows = b.rows_in(chunk); r < rows; ++r) {
     const scalar_t* xr = x + offset + r * C;
     const scalar_t* gr = dy + offset + r * C;
+    if (relu) {
 _Pragma("omp simd")
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = load_acc<acc_t>(xr, c) - mu[c];
-      const acc_t g = (!relu || d * sc[c] + sh[c] > acc_t(0)) ? load_acc<acc_t>(gr, c) : acc_t(0);
-      s1[c] += g;
-      s2[c] += g * d;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = load_acc<acc_t>(xr, c) - mu[c], gv = load_acc<acc_t>(gr, c);
+        const acc_t g = d * sc[c] + sh[c] > acc_t(0) ? gv : acc_t(0);
+        s1[c] += g;
+        s2[c] += g * d;
+      }
+    } else {
+_Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = load_acc<acc_t>(xr, c) - mu[c], g = load_acc<acc_t>(gr, c);
+        s1[c] += g;
+        s2[c] += g * d;
+      }
     }
   }
 }
@@ -704,20 +756,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
           }
         });
       } else {
+        // Channel-contiguous coefficient arrays: the loop over channels vectorises (an array of DxCoef would not).
+        std::vector<acc_t> A(T * C), Bk(T * C), Kk(T * C);
+        for (int64_t k = 0; k < T * C; ++k) {
+          A[k] = coef[k].A;
+          Bk[k] = coef[k].B;
+          Kk[k] = coef[k].K;
+        }
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
           for (int64_t blk = begin; blk < end; ++blk) {
             const int64_t n = blk / b.blocks_per_sample, chunk = blk % b.blocks_per_sample;
             const int64_t k0 = b.task_of[n] * C;
             const int64_t offset = (n * b.S + chunk * b.rows_per_block) * C;
-            const DxCoef<acc_t>* kc = coef.data() + k0;
+            const acc_t *a_ = A.data() + k0, *b_ = Bk.data() + k0, *c_ = Kk.data() + k0;
+            const acc_t *mu = mean + k0, *s_ = sc + k0, *h_ = sh + k0;
             for (int64_t r = 0, rows = b.rows_in(chunk); r < rows; ++r) {
               const int64_t o = offset + r * C;
+              if (relu) {
 _Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t k = k0 + c;
-                const acc_t d = load_acc<acc_t>(xp, o + c) - mean[k];
-                const acc_t g = (!relu || d * sc[k] + sh[k] > acc_t(0)) ? load_acc<acc_t>(gp, o + c) : acc_t(0);
-                store_elem(dxp, o + c, kc[c].A * g + kc[c].B * d + kc[c].K);
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c], gv = load_acc<acc_t>(gp, o + c);
+                  const acc_t g = d * s_[c] + h_[c] > acc_t(0) ? gv : acc_t(0);
+                  store_elem(dxp, o + c, a_[c] * g + b_[c] * d + c_[c]);
+                }
+              } else {
+_Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c];
+                  store_elem(dxp, o + c, a_[c] * load_acc<acc_t>(gp, o + c) + b_[c] * d + c_[c]);
+                }
               }
             }
           }
