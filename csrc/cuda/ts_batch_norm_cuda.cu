@@ -1,15 +1,14 @@
-// Fused task-specific (sigmoid) batch norm on CUDA: training forward, eval forward, backward and the
-// running-statistics update. Semantics: tsbn_kernels/reference.py; same op schemas and outputs as the CPU
-// kernels (csrc/cpu/ts_batch_norm_cpu.cpp).
+// Fused task-specific (sigmoid) batch norm on CUDA: training forward, eval forward and backward (the
+// running-statistics update is the device-generic op in ts_batch_norm_schema.cpp). Semantics:
+// tsbn_kernels/reference.py; same op schemas and outputs as the CPU kernels (csrc/cpu/ts_batch_norm_cpu.cpp).
 //
-// Split design (DESIGN.md §4): the input, seen as [N, C, S] (NCHW "planar" or channels-last "interleaved"),
-// is cut into tiles of (one sample, a chunk of S, a group of channels). Every tile belongs to one task, and
-// there are N·⌈S/chunk⌉·⌈C/group⌉ of them, so the grid fills the GPU whatever T·C is. A tile keeps its values
-// in registers and writes a pivot-shifted two-pass mean and M2 (exact for |mean| >> std); a merge kernel
-// combines the partials per (task, channel) in tile order with Chan's formula in double — no float atomics,
-// deterministic. The apply pass runs its blocks in reverse order so the tiles read last by the statistics
-// pass are still in L2, and folds gate, affine, mean and rstd into one scale and shift per (task, channel).
-// The backward recomputes the relu mask from x.
+// Passes (kernels and their design: ts_batch_norm_kernels.cuh):
+//   training forward  moments (reads x)  -> merge_moments ([T, C] stats and scale)  -> apply (x -> y)
+//   eval forward      apply with the running statistics
+//   backward          grad_sums (x, dy)  -> merge_sums (s1, s2, counts, dx coefficients) -> grad_input
+// No host synchronisation anywhere (CUDA-graph capturable): the per-task element counts come out of the
+// merge kernels, task ids are read on the device only, and every [T, C] step is a kernel or an ATen op.
+// Deterministic: fixed-order reductions, no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,257 +19,146 @@
 #include "../ts_batch_norm_layout.h"
 
 #include "cuda_utils.cuh"
+#include "ts_batch_norm_kernels.cuh"
+
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace tsbn {
 namespace {
 
-constexpr int kThreadsX = 32;       // along the contiguous dimension
-constexpr int kThreadsY = 8;
-constexpr int kValuesPerThread = 8; // register-resident values per thread in a tile
-// Planar tile: 1 channel × (kThreadsX·kThreadsY·kValuesPerThread) positions.
-// Interleaved tile: kThreadsX channels × (kThreadsY·kValuesPerThread) positions.
-constexpr int kPlanarChunk = kThreadsX * kThreadsY * kValuesPerThread;
-constexpr int kInterleavedRows = kThreadsY * kValuesPerThread;
+using bn_kernels::kMergeThreads;
+using bn_kernels::kThreads;
+using bn_kernels::Plan;
 
-struct Geometry {
-  int64_t N, C, S;
-  bool interleaved;
-  int64_t chunk;       // positions per tile
-  int64_t chunks;      // tiles per (sample, channel group)
-  int64_t groups;      // channel groups
-  int64_t channels_per_group;
-  int64_t tiles() const { return N * chunks; }
+// Units per SM the plans aim at; a grid of the resident blocks loops over them.
+constexpr int64_t kUnitsPerSM = 8;
+
+// Resident blocks of `kernel` per SM, queried once per (kernel, device). The occupancy query enqueues no
+// work, so it is also allowed while a CUDA graph is being captured.
+int blocks_per_sm(const void* kernel, int threads, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, static_cast<int>(device));
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  blocks = std::max(blocks, 1);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// As many blocks as are resident at once, at most one per unit (grid.x is far below 2^31 - 1).
+template <typename Kernel>
+int pass_grid(Kernel kernel, const Plan& p, c10::DeviceIndex device) {
+  const int64_t resident =
+      static_cast<int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads, device)) * sm_count(device);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.units, resident)));
+}
+
+// Task of every sample: an int32 copy of task_ids, or none for the replicated batch (sample n is in task
+// n / (N / T), computed on the device).
+struct Tasks {
+  at::Tensor ids;
+  int64_t per_task = 1;
+  const int32_t* data() const { return ids.defined() ? ids.const_data_ptr<int32_t>() : nullptr; }
 };
 
-Geometry geometry_of(const at::Tensor& x, bool interleaved) {
-  Geometry g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.S = g.N && g.C ? x.numel() / (g.N * g.C) : 0;
-  g.interleaved = interleaved;
-  g.chunk = interleaved ? kInterleavedRows : kPlanarChunk;
-  g.chunks = std::max<int64_t>(1, (g.S + g.chunk - 1) / g.chunk);
-  g.channels_per_group = interleaved ? kThreadsX : 1;
-  g.groups = (g.C + g.channels_per_group - 1) / g.channels_per_group;
-  return g;
-}
-
-// Element offset of (n, c, s) in the dense layout.
-__device__ __forceinline__ int64_t offset_of(bool interleaved, int64_t n, int64_t c, int64_t s, int64_t C,
-                                             int64_t S) {
-  return interleaved ? (n * S + s) * C + c : (n * C + c) * S + s;
-}
-
-// Block-wide sum over threadIdx.y (interleaved: one value per channel lane) or over all threads (planar).
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, bool interleaved, acc_t* shared) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  shared[ty * kThreadsX + tx] = v;
-  __syncthreads();
-  acc_t total = 0;
-  if (interleaved) {
-    for (int y = 0; y < kThreadsY; ++y) total += shared[y * kThreadsX + tx];
-  } else {
-    for (int i = 0; i < kThreadsX * kThreadsY; ++i) total += shared[i];
-  }
-  __syncthreads();
-  return total;
-}
-
-// The element handled by value slot k of this thread in tile (n, chunk, group); returns false past the end.
-struct TileIndex {
-  bool valid;
-  int64_t c, s;
-};
-
-__device__ __forceinline__ TileIndex tile_index(const Geometry& g, int64_t chunk, int64_t group, int k) {
-  TileIndex ti;
-  if (g.interleaved) {
-    ti.c = group * kThreadsX + threadIdx.x;
-    ti.s = chunk * g.chunk + k * kThreadsY + threadIdx.y;
-  } else {
-    ti.c = group;
-    ti.s = chunk * g.chunk + (k * kThreadsY + threadIdx.y) * kThreadsX + threadIdx.x;
-  }
-  ti.valid = ti.c < g.C && ti.s < g.S;
-  return ti;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void moments_kernel(const scalar_t* __restrict__ x, Geometry g, acc_t* __restrict__ part_mean,
-                               acc_t* __restrict__ part_m2, acc_t* __restrict__ part_count) {
-  __shared__ acc_t shared[kThreadsX * kThreadsY];
-  const int64_t tile = blockIdx.x, group = blockIdx.y;
-  const int64_t n = tile / g.chunks, chunk = tile % g.chunks;
-  // Pivot: the tile's first position of this thread's channel, so sums of (x − pivot) stay small.
-  const int64_t pivot_c = g.interleaved ? group * kThreadsX + threadIdx.x : group;
-  const bool channel_ok = pivot_c < g.C;
-  const acc_t pivot = channel_ok ? static_cast<acc_t>(x[offset_of(g.interleaved, n, pivot_c, chunk * g.chunk, g.C, g.S)])
-                                 : acc_t(0);
-  acc_t values[kValuesPerThread];
-  acc_t sum = 0, count = 0;
-#pragma unroll
-  for (int k = 0; k < kValuesPerThread; ++k) {
-    const TileIndex ti = tile_index(g, chunk, group, k);
-    values[k] = ti.valid ? static_cast<acc_t>(x[offset_of(g.interleaved, n, ti.c, ti.s, g.C, g.S)]) - pivot : acc_t(0);
-    sum += values[k];
-    count += ti.valid ? acc_t(1) : acc_t(0);
-  }
-  const acc_t total = block_sum(sum, g.interleaved, shared);
-  const acc_t n_tile = block_sum(count, g.interleaved, shared);
-  const acc_t shifted_mean = n_tile > 0 ? total / n_tile : acc_t(0);
-  acc_t q = 0;
-#pragma unroll
-  for (int k = 0; k < kValuesPerThread; ++k) {
-    const TileIndex ti = tile_index(g, chunk, group, k);
-    const acc_t d = values[k] - shifted_mean;
-    q += ti.valid ? d * d : acc_t(0);
-  }
-  const acc_t m2 = block_sum(q, g.interleaved, shared);
-  const bool writer = g.interleaved ? threadIdx.y == 0 : (threadIdx.x == 0 && threadIdx.y == 0);
-  if (writer && channel_ok) {
-    part_mean[tile * g.C + pivot_c] = pivot + shifted_mean;
-    part_m2[tile * g.C + pivot_c] = m2;
-    if (group == 0 && threadIdx.x == 0) part_count[tile] = n_tile;
-  }
-}
-
-template <typename acc_t>
-__global__ void merge_moments_kernel(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
-                                     const acc_t* __restrict__ part_count, const int64_t* __restrict__ task_of,
-                                     int64_t tiles, int64_t chunks, int64_t C, double eps, acc_t* __restrict__ mean,
-                                     acc_t* __restrict__ var, acc_t* __restrict__ invstd, acc_t* __restrict__ count) {
-  const int64_t t = blockIdx.y;
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
-  double n_acc = 0, mu = 0, m2 = 0;
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    if (task_of[tile / chunks] != t) continue;
-    const double nb = part_count[tile];
-    if (nb <= 0) continue;
-    const double mb = part_mean[tile * C + c], qb = part_m2[tile * C + c];
-    const double n_new = n_acc + nb, delta = mb - mu;
-    mu += delta * nb / n_new;
-    m2 += qb + delta * delta * n_acc * nb / n_new;
-    n_acc = n_new;
-  }
-  const double v = n_acc > 0 ? m2 / n_acc : 0.0;
-  mean[t * C + c] = static_cast<acc_t>(mu);
-  var[t * C + c] = static_cast<acc_t>(v);
-  invstd[t * C + c] = static_cast<acc_t>(rsqrt(v + eps));
-  if (c == 0) count[t] = static_cast<acc_t>(n_acc);
-}
-
-// y = (x − mean)·scale + shift (+ relu), blocks in reverse order.
-template <typename scalar_t, typename acc_t>
-__global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
-                             const int64_t* __restrict__ task_of, const acc_t* __restrict__ mean,
-                             const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, bool relu) {
-  const int64_t total = g.N * g.C * g.S;
-  const int64_t block = gridDim.x - 1 - blockIdx.x;
-  for (int64_t i = block * blockDim.x + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = g.interleaved ? i % g.C : (i / g.S) % g.C;
-    const int64_t n = i / (g.C * g.S);
-    const int64_t k = task_of[n] * g.C + c;
-    acc_t v = (static_cast<acc_t>(x[i]) - mean[k]) * scale[k] + shift[k];
-    if (relu) v = v > acc_t(0) ? v : acc_t(0);
-    y[i] = static_cast<scalar_t>(v);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void grad_sums_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, Geometry g,
-                                 const int64_t* __restrict__ task_of, const acc_t* __restrict__ mean,
-                                 const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, bool relu,
-                                 acc_t* __restrict__ part_s1, acc_t* __restrict__ part_s2) {
-  __shared__ acc_t shared[kThreadsX * kThreadsY];
-  const int64_t tile = blockIdx.x, group = blockIdx.y;
-  const int64_t n = tile / g.chunks, chunk = tile % g.chunks;
-  const int64_t t = task_of[n];
-  acc_t s1 = 0, s2 = 0;
-#pragma unroll
-  for (int k = 0; k < kValuesPerThread; ++k) {
-    const TileIndex ti = tile_index(g, chunk, group, k);
-    if (!ti.valid) continue;
-    const int64_t o = offset_of(g.interleaved, n, ti.c, ti.s, g.C, g.S);
-    const int64_t kk = t * g.C + ti.c;
-    const acc_t d = static_cast<acc_t>(x[o]) - mean[kk];
-    acc_t gv = static_cast<acc_t>(dy[o]);
-    if (relu && !(d * scale[kk] + shift[kk] > acc_t(0))) gv = 0;
-    s1 += gv;
-    s2 += gv * d;
-  }
-  const acc_t total1 = block_sum(s1, g.interleaved, shared);
-  const acc_t total2 = block_sum(s2, g.interleaved, shared);
-  const int64_t c = g.interleaved ? group * kThreadsX + threadIdx.x : group;
-  const bool writer = g.interleaved ? threadIdx.y == 0 : (threadIdx.x == 0 && threadIdx.y == 0);
-  if (writer && c < g.C) {
-    part_s1[tile * g.C + c] = total1;
-    part_s2[tile * g.C + c] = total2;
-  }
-}
-
-template <typename acc_t>
-__global__ void merge_sums_kernel(const acc_t* __restrict__ part_s1, const acc_t* __restrict__ part_s2,
-                                  const int64_t* __restrict__ task_of, int64_t tiles, int64_t chunks, int64_t C,
-                                  double* __restrict__ s1, double* __restrict__ s2) {
-  const int64_t t = blockIdx.y;
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
-  double a = 0, b = 0;
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    if (task_of[tile / chunks] != t) continue;
-    a += part_s1[tile * C + c];
-    b += part_s2[tile * C + c];
-  }
-  s1[t * C + c] = a;
-  s2[t * C + c] = b;
-}
-
-// dx = A·dy' + B·(x − mean) + K, all per (task, channel).
-template <typename scalar_t, typename acc_t>
-__global__ void grad_input_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                  scalar_t* __restrict__ dx, Geometry g, const int64_t* __restrict__ task_of,
-                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                                  const acc_t* __restrict__ shift, const acc_t* __restrict__ coef_dy,
-                                  const acc_t* __restrict__ coef_d, const acc_t* __restrict__ coef_0, bool relu) {
-  const int64_t total = g.N * g.C * g.S;
-  const int64_t block = gridDim.x - 1 - blockIdx.x;
-  for (int64_t i = block * blockDim.x + threadIdx.x; i < total; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = g.interleaved ? i % g.C : (i / g.S) % g.C;
-    const int64_t n = i / (g.C * g.S);
-    const int64_t k = task_of[n] * g.C + c;
-    const acc_t d = static_cast<acc_t>(x[i]) - mean[k];
-    acc_t gv = static_cast<acc_t>(dy[i]);
-    if (relu && !(d * scale[k] + shift[k] > acc_t(0))) gv = 0;
-    dx[i] = static_cast<scalar_t>(coef_dy[k] * gv + coef_d[k] * d + coef_0[k]);
-  }
-}
-
-at::Tensor task_of_samples(const c10::optional<at::Tensor>& task_ids, int64_t N, int64_t T, const at::Tensor& x) {
+Tasks task_map(const c10::optional<at::Tensor>& task_ids, int64_t N, int64_t T, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "ts_batch_norm: batch size ", N,
+                    " exceeds the CUDA kernels' limit of 2^31 - 1 samples");
+  Tasks tasks;
   if (task_ids.has_value() && task_ids->defined()) {
     TORCH_CHECK_VALUE(task_ids->dim() == 1 && task_ids->size(0) == N, "ts_batch_norm: task_ids must have shape (",
-                      N, ",)");
+                      N, ",), got ", task_ids->sizes());
+    TORCH_CHECK_TYPE(at::isIntegralType(task_ids->scalar_type(), /*includeBool=*/false),
+                     "ts_batch_norm: task_ids must be an integer tensor, got ", task_ids->scalar_type());
     TORCH_CHECK_VALUE(task_ids->device() == x.device(), "ts_batch_norm: task_ids must be on ", x.device());
-    // Range checks need the values on the host; the Python layer validates them before any kernel runs.
-    return task_ids->to(at::kLong).contiguous();
+    // Values must lie in [0, T): range checks need them on the host, so the Python layer validates them
+    // (its one host sync) before any kernel runs.
+    tasks.ids = task_ids->to(at::kInt).contiguous();
+    return tasks;
   }
   TORCH_CHECK_VALUE(N % T == 0, "ts_batch_norm: batch size ", N, " is not divisible by num_tasks=", T);
-  return at::arange(N, x.options().dtype(at::kLong)).div(N / T, "floor");
+  tasks.per_task = std::max<int64_t>(1, N / T);
+  return tasks;
 }
 
-at::Tensor table(const c10::optional<at::Tensor>& t, int64_t T, int64_t C, double fill, at::ScalarType acc,
-                 const at::Tensor& x, const char* name) {
-  if (!(t.has_value() && t->defined())) return at::full({T, C}, fill, x.options().dtype(acc));
+// A [T, C] parameter in the accumulation type, or an undefined tensor when absent (kernels then use the
+// neutral value).
+at::Tensor acc_table(const c10::optional<at::Tensor>& t, int64_t T, int64_t C, at::ScalarType acc,
+                     const at::Tensor& x, const char* name) {
+  if (!(t.has_value() && t->defined())) return at::Tensor();
   TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == T && t->size(1) == C, "ts_batch_norm: ", name,
                     " must have shape (", T, ", ", C, "), got ", t->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "ts_batch_norm: ", name, " must be floating point");
   TORCH_CHECK_VALUE(t->device() == x.device(), "ts_batch_norm: ", name, " must be on ", x.device());
   return t->detach().to(acc).contiguous();
 }
 
-int elementwise_blocks(int64_t total, c10::DeviceIndex device) {
-  const int64_t wanted = (total + 255) / 256;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sm_count(device)) * 32)));
+// The per-(task, channel) scale a: sigmoid(weight), weight, or undefined (1) without affine.
+at::Tensor gate_table(const c10::optional<at::Tensor>& weight, int64_t T, int64_t C, at::ScalarType acc,
+                      bool sigmoid_gate, const at::Tensor& x) {
+  at::Tensor a = acc_table(weight, T, C, acc, x, "weight");
+  if (a.defined() && sigmoid_gate) a = a.sigmoid();
+  return a;
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Elements per pack: 16 bytes when every pointer is aligned to it and the contiguous extent (S for planar,
+// C for interleaved) is a multiple of it, else the largest smaller power of two that qualifies.
+template <typename scalar_t>
+int pick_vec(bool interleaved, int64_t C, int64_t S, std::initializer_list<const void*> pointers) {
+  const int64_t extent = interleaved ? C : S;
+  for (int vec = static_cast<int>(16 / sizeof(scalar_t)); vec > 1; vec /= 2) {
+    bool ok = extent % vec == 0;
+    for (const void* q : pointers) ok = ok && reinterpret_cast<std::uintptr_t>(q) % (vec * sizeof(scalar_t)) == 0;
+    if (ok) return vec;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, VEC>) for the pack width chosen at run time.
+template <typename scalar_t, typename F>
+void with_vec(int vec, F&& f) {
+  if constexpr (sizeof(scalar_t) <= 2) {
+    if (vec == 8) return f(std::integral_constant<int, 8>());
+  }
+  if constexpr (sizeof(scalar_t) <= 4) {
+    if (vec == 4) return f(std::integral_constant<int, 4>());
+  }
+  if (vec == 2) return f(std::integral_constant<int, 2>());
+  f(std::integral_constant<int, 1>());
+}
+
+Plan plan_for(int64_t N, int64_t C, int64_t S, bool interleaved, int vec, int depth, const Tasks& tasks,
+              c10::DeviceIndex device) {
+  const Plan p = bn_kernels::make_plan(N, C, S, interleaved, vec, depth, kUnitsPerSM * sm_count(device),
+                                       tasks.data(), tasks.per_task);
+  TORCH_CHECK(p.fits, "ts_batch_norm: input of shape [N=", N, ", C=", C, ", S=", S,
+              "] exceeds the 32-bit sample, channel and partial-row counts of the CUDA kernels");
+  return p;
+}
+
+// One merge block per (task, 32 channels).
+int merge_groups(int64_t C) { return static_cast<int>((C + 31) / 32); }
+
+int merge_grid(int64_t T, int64_t C) {
+  const int64_t blocks = T * ((C + 31) / 32);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "ts_batch_norm: num_tasks · channels too large");
+  return static_cast<int>(blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_forward_cuda(
@@ -281,59 +169,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
   TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_batch_norm: expected a 2D to 5D input, got ",
                     x_in.dim(), "D");
   TORCH_CHECK_VALUE(num_tasks >= 1, "ts_batch_norm: num_tasks must be >= 1");
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_batch_norm: input must be floating point, got ",
+                   x_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
   const bool interleaved = is_interleaved(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in, interleaved));
-  const Geometry g = geometry_of(x, interleaved);
-  const int64_t T = num_tasks, C = g.C;
+  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
+  const int64_t T = num_tasks;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor task_of = task_of_samples(task_ids, g.N, T, x);
+  const at::TensorOptions acc_options = x.options().dtype(acc);
+  const Tasks tasks = task_map(task_ids, N, T, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor mean, var, invstd, count;
+  const at::Tensor gate = gate_table(weight, T, C, acc, sigmoid_gate, x);
+  const at::Tensor shift = acc_table(bias, T, C, acc, x, "bias");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean, var, invstd, count, scale;
   if (training) {
     TORCH_CHECK_VALUE(x.numel() > 0, "ts_batch_norm: cannot normalise an empty input when training");
-    mean = at::empty({T, C}, x.options().dtype(acc));
+    mean = at::empty({T, C}, acc_options);
     var = at::empty_like(mean);
     invstd = at::empty_like(mean);
-    count = at::empty({T}, x.options().dtype(acc));
-    at::Tensor part_mean = at::empty({g.tiles(), C}, x.options().dtype(acc));
-    at::Tensor part_m2 = at::empty_like(part_mean);
-    at::Tensor part_count = at::empty({g.tiles()}, x.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_moments_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      moments_kernel<scalar_t, acc_t><<<dim3(g.tiles(), g.groups), dim3(kThreadsX, kThreadsY), 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), g, part_mean.data_ptr<acc_t>(), part_m2.data_ptr<acc_t>(),
-          part_count.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_moments_kernel<acc_t><<<dim3((C + 127) / 128, T), 128, 0, stream>>>(
-          part_mean.const_data_ptr<acc_t>(), part_m2.const_data_ptr<acc_t>(), part_count.const_data_ptr<acc_t>(),
-          task_of.const_data_ptr<int64_t>(), g.tiles(), g.chunks, C, eps, mean.data_ptr<acc_t>(),
-          var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), count.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    scale = at::empty_like(mean);
+    count = at::empty({T}, acc_options);
   } else {
     TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
                           running_var->defined(),
                       "ts_batch_norm: eval needs running_mean and running_var");
-    mean = table(running_mean, T, C, 0.0, acc, x, "running_mean").clone();
-    var = table(running_var, T, C, 1.0, acc, x, "running_var").clone();
+    mean = acc_table(running_mean, T, C, acc, x, "running_mean").clone();
+    var = acc_table(running_var, T, C, acc, x, "running_var").clone();
     invstd = (var + eps).rsqrt();
-    count = at::zeros({T}, x.options().dtype(acc));
+    count = at::zeros({T}, acc_options);
+    scale = gate.defined() ? (gate * invstd).contiguous() : invstd;
   }
-  at::Tensor a = table(weight, T, C, 1.0, acc, x, "weight");
-  if (sigmoid_gate && weight.has_value() && weight->defined()) a = a.sigmoid();
-  const at::Tensor scale = (a * invstd).contiguous();
-  const at::Tensor shift = table(bias, T, C, 0.0, acc, x, "bias");
-  at::Tensor y = at::empty_like(x);
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_apply_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      apply_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel(), x.device().index()), 256, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, task_of.const_data_ptr<int64_t>(),
-          mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), relu);
+  if (x.numel() == 0) return {y, mean, invstd, var, count};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {xp, yp}), [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 1>();
+      const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
+      if (training) {
+        // Partial means in double: pivot + shifted mean keeps |mean| >> std exact through the merge.
+        const at::Tensor part_mean = at::empty({p.slots, C}, x.options().dtype(at::kDouble));
+        const at::Tensor part_m2 = at::empty({p.slots, C}, acc_options);
+        const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
+        if (interleaved) {
+          const auto kernel = bn_kernels::moments_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
+        } else {
+          const auto kernel = bn_kernels::moments_planar_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_kernels::merge_moments_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
+            part_mean.const_data_ptr<double>(), part_m2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(),
+            p, merge_groups(C), eps, data_or_null<acc_t>(gate), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+            invstd.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), count.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (interleaved) {
+        const auto kernel = bn_kernels::apply_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+        kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+            xp, yp, p, mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), data_or_null<acc_t>(shift),
+            relu);
+      } else {
+        const auto kernel = bn_kernels::apply_planar_kernel<scalar_t, acc_t, VEC, U>;
+        kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+            xp, yp, p, mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), data_or_null<acc_t>(shift),
+            relu);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
+  });
   return {y, mean, invstd, var, count};
 }
 
@@ -343,67 +256,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool training, bool sigmoid_gate, bool relu) {
   TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
                     " but x has shape ", x_in.sizes());
+  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_batch_norm backward: expected a 2D to 5D input, got ",
+                    x_in.dim(), "D");
+  TORCH_CHECK_VALUE(num_tasks >= 1, "ts_batch_norm backward: num_tasks must be >= 1");
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_batch_norm: input must be floating point, got ",
+                   x_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
   const bool interleaved = is_interleaved(x_in);
   const at::MemoryFormat format = layout_of(x_in, interleaved);
   const at::Tensor x = x_in.contiguous(format);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(format);
-  const Geometry g = geometry_of(x, interleaved);
-  const int64_t T = num_tasks, C = g.C;
+  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
+  const int64_t T = num_tasks;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor task_of = task_of_samples(task_ids, g.N, T, x);
+  const at::TensorOptions acc_options = x.options().dtype(acc);
+  const Tasks tasks = task_map(task_ids, N, T, x);
   const at::Tensor mean = mean_in.to(acc).contiguous(), invstd = invstd_in.to(acc).contiguous();
   TORCH_CHECK_VALUE(mean.numel() == T * C && invstd.numel() == T * C,
                     "ts_batch_norm backward: saved statistics must have shape (", T, ", ", C, ")");
-  at::Tensor a = table(weight, T, C, 1.0, acc, x, "weight");
-  if (sigmoid_gate && weight.has_value() && weight->defined()) a = a.sigmoid();
-  const at::Tensor scale = (a * invstd).contiguous();
-  const at::Tensor shift = table(bias, T, C, 0.0, acc, x, "bias");
+  const at::Tensor gate = gate_table(weight, T, C, acc, sigmoid_gate, x);
+  const at::Tensor shift = acc_table(bias, T, C, acc, x, "bias");
+  const at::Tensor scale = gate.defined() ? (gate * invstd).contiguous() : invstd;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor s1 = at::zeros({T, C}, x.options().dtype(at::kDouble));
-  at::Tensor s2 = at::zeros({T, C}, x.options().dtype(at::kDouble));
-  if (x.numel() > 0) {
-    at::Tensor part_s1 = at::empty({g.tiles(), C}, x.options().dtype(acc));
-    at::Tensor part_s2 = at::empty_like(part_s1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_grad_sums_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      grad_sums_kernel<scalar_t, acc_t><<<dim3(g.tiles(), g.groups), dim3(kThreadsX, kThreadsY), 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), g, task_of.const_data_ptr<int64_t>(),
-          mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), relu,
-          part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_sums_kernel<acc_t><<<dim3((C + 127) / 128, T), 128, 0, stream>>>(
-          part_s1.const_data_ptr<acc_t>(), part_s2.const_data_ptr<acc_t>(), task_of.const_data_ptr<int64_t>(),
-          g.tiles(), g.chunks, C, s1.data_ptr<double>(), s2.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  // Per-(task, channel) coefficients: [T, C] tensor algebra, negligible next to the passes over x.
-  const at::Tensor m = at::bincount(task_of, {}, T).to(at::kDouble).mul(static_cast<double>(g.S)).clamp_min(1)
-                           .unsqueeze(1);
-  const at::Tensor r = invstd.to(at::kDouble), ar = a.to(at::kDouble) * r;
-  const at::Tensor s2x = s2 * r;
-  const at::Tensor coef_dy = ar.to(acc).contiguous();
-  const at::Tensor coef_d = training ? (-ar * r * s2x / m).to(acc).contiguous() : at::zeros_like(coef_dy);
-  const at::Tensor coef_0 = training ? (-ar * s1 / m).to(acc).contiguous() : at::zeros_like(coef_dy);
   at::Tensor dx = at::empty_like(x);
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_grad_input_cuda", [&] {
+  at::Tensor s1, s2;  // Σdy', Σdy'·(x − mean) per (task, channel), double
+  if (x.numel() == 0) {
+    s1 = at::zeros({T, C}, x.options().dtype(at::kDouble));
+    s2 = at::zeros_like(s1);
+  } else {
+    s1 = at::empty({T, C}, x.options().dtype(at::kDouble));
+    s2 = at::empty_like(s1);
+    const at::Tensor coef_dy = at::empty({T, C}, acc_options);
+    const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      grad_input_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel(), x.device().index()), 256, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
-          task_of.const_data_ptr<int64_t>(), mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-          shift.const_data_ptr<acc_t>(), coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
-          coef_0.const_data_ptr<acc_t>(), relu);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {xp, gp, dxp}), [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 2>();
+        const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
+        const at::Tensor part_s1 = at::empty({p.slots, C}, acc_options);
+        const at::Tensor part_s2 = at::empty_like(part_s1);
+        const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
+        const acc_t* mp = mean.const_data_ptr<acc_t>();
+        const acc_t* sp = scale.const_data_ptr<acc_t>();
+        const acc_t* hp = data_or_null<acc_t>(shift);
+        if (interleaved) {
+          const auto kernel = bn_kernels::grad_sums_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
+              part_count.data_ptr<int64_t>());
+        } else {
+          const auto kernel = bn_kernels::grad_sums_planar_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
+              part_count.data_ptr<int64_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_kernels::merge_sums_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
+            part_s1.const_data_ptr<acc_t>(), part_s2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(), p,
+            merge_groups(C), data_or_null<acc_t>(gate), invstd.const_data_ptr<acc_t>(), training,
+            s1.data_ptr<double>(), s2.data_ptr<double>(), coef_dy.data_ptr<acc_t>(), coef_d.data_ptr<acc_t>(),
+            coef_0.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (interleaved) {
+          const auto kernel = bn_kernels::grad_input_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
+              coef_0.const_data_ptr<acc_t>(), relu);
+        } else {
+          const auto kernel = bn_kernels::grad_input_planar_kernel<scalar_t, acc_t, VEC, U>;
+          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+              xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
+              coef_0.const_data_ptr<acc_t>(), relu);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   at::Tensor dweight = at::empty({0}, x.options());
   if (weight.has_value() && weight->defined()) {
-    at::Tensor dw = s2x;
+    at::Tensor dw = s2 * invstd.to(at::kDouble);  // Σdy'·x̂
     if (sigmoid_gate) {
-      const at::Tensor sg = weight->to(at::kDouble).sigmoid();
+      const at::Tensor sg = weight->detach().to(at::kDouble).sigmoid();
       dw = dw * sg * (1 - sg);
     }
     dweight = dw.to(weight->scalar_type());

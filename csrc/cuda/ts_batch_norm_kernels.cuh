@@ -1,0 +1,1020 @@
+// Device code of the fused task-specific batch norm (ts_batch_norm_cuda.cu holds the host side). Kept in a
+// header of plain CUDA C++ (no ATen) so that the index and partition logic can also be compiled for the
+// host against a mock of the CUDA built-ins and executed thread by thread on a machine without a GPU
+// (tests/cuda_sim/).
+//
+// Layout. The input is seen as [N, C, S]: "planar" (NCHW, and 3-D [N, C, L]: every (n, c) plane of S values
+// is contiguous) or "interleaved" (channels-last and 2-D [N, C]: every position holds C contiguous
+// channels, so the tensor is N·S rows of C values). Loads and stores move packs of VEC elements (16 bytes
+// when the pointers are 16-byte aligned and S (planar) or C (interleaved) is a multiple of VEC; smaller
+// packs down to one element otherwise).
+//
+// Work decomposition (make_plan). The work is cut into units of (a block of NB samples, a chunk j of the
+// positions of a sample, a block of channels); either NB == 1 and a sample's positions are split into J
+// chunks, or J == 1 and a unit spans NB whole samples. There are about 8 units per SM; a grid of as many
+// blocks as are resident loops over them (grid stride), so the grid fills the GPU whatever T·C is.
+//   planar:      `lanes` threads (1..32, a power of two) share one (sample, channel) plane, a block covers
+//                kThreads / lanes channels; L counts packs.
+//   interleaved: `lanes` threads cover `lanes` packs of a row (channels), kThreads / lanes threads are
+//                rows; L counts rows.
+// Within a unit, samples are visited in order and cut into segments of consecutive samples of one task.
+// The statistics passes write one partial row per segment, at slot (first sample of the segment) · J + j;
+// the count array part_count[N · J] holds the elements per channel of each slot's segment and 0 for slots
+// that start no segment. The merge kernels combine, per (task, 32 channels), the slots of that task.
+//
+// Numerics. A thread keeps, per channel, the count, mean and M2 of what it has seen, shifted by a pivot
+// (the segment's first value of that channel, shared by every thread of the channel): each tile of up to
+// U packs is reduced in two passes in registers and merged with Chan's formula, then threads are merged
+// with Chan's formula over shuffles and shared memory in a fixed order. A partial row holds the mean in
+// double (pivot + shifted mean: an fp32 mean of |mean| >> std would round away ~1e-3 std) and M2 in the
+// accumulation type, and the merge kernels combine the partial rows with Chan's formula in double. Sums are
+// in the accumulation type (fp32 for fp16/bf16, double for double), in an order fixed by the shapes and
+// the SM count alone: no atomics, two runs are bitwise equal. The backward sums (Σdy, Σdy·(x − mean))
+// follow the same path as plain sums.
+//
+// Traversal order. The statistics passes visit units in increasing memory order (grid stride), the apply
+// passes in decreasing order, so the units the statistics pass read last (still in L2) are applied first.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace tsbn {
+namespace bn_kernels {
+
+// Threads per block of every pass kernel. The pass kernels carry no __launch_bounds__: with it (and no
+// minimum block count), ptxas of CUDA 13 picks register budgets of 48-80 for some instantiations and
+// spills a few outer-loop values; without it, none spills (all fit 255 registers at 256 threads anyway).
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMergeThreads = 512;
+constexpr int kMergeWarps = kMergeThreads / 32;
+constexpr int kMergeBatch = 8;  // partial rows a merge warp loads before it combines them
+constexpr unsigned kFullMask = 0xffffffffu;
+// Elements per channel in one unit: per-thread counts in fp32 stay exact integers (< 2^24).
+constexpr int64_t kMaxUnitElements = int64_t(1) << 22;
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Packs per thread per tile, reading one input (forward) or two (backward): about 64 bytes of input in
+// flight per thread and tile.
+template <typename scalar_t, int VEC, int inputs>
+constexpr int tile_depth() {
+  constexpr int one = VEC * sizeof(scalar_t) >= 16 ? 4 : (VEC * sizeof(scalar_t) >= 8 ? 8 : 16);
+  return inputs == 1 ? one : (one / 2 > 2 ? one / 2 : 2);
+}
+
+struct Plan {
+  int N = 0, C = 0;
+  int64_t S = 0;
+  int64_t SV = 0;        // planar: packs per plane, S / VEC
+  int CV = 0;            // interleaved: packs per row, C / VEC
+  int lanes = 1;         // planar: threads per plane; interleaved: threads across a row
+  int lanes_log2 = 0;
+  int CB = 1;            // channel blocks (planar: kThreads / lanes channels; interleaved: lanes packs)
+  int NB = 1;            // samples per unit
+  int SB = 1;            // sample blocks, ceil(N / NB)
+  int J = 1;             // chunks per sample (J > 1 only when NB == 1)
+  int L = 1;             // chunk length: planar in packs, interleaved in rows
+  int units = 0;         // SB · J · CB
+  int slots = 0;         // partial rows, N · J
+  const int32_t* task_of = nullptr;  // task of each sample; nullptr: sample n is in task n / per_task
+  int per_task = 1;
+  bool fits = false;     // every count above fits the 32-bit fields (checked by the host before launching)
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int floor_pow2(int64_t v) {
+  int p = 1;
+  while (2 * static_cast<int64_t>(p) <= v) p *= 2;
+  return p;
+}
+
+inline int ceil_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+inline int log2_of(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+// The decomposition of an [N, C, S] input (N, C, S >= 1) for packs of `vec` elements and tiles `depth`
+// packs deep, aiming at `units_target` units.
+inline Plan make_plan(int64_t N, int64_t C, int64_t S, bool interleaved, int vec, int depth,
+                      int64_t units_target, const int32_t* task_of, int64_t per_task) {
+  constexpr int64_t kIntMax = 0x7fffffff;
+  Plan p;
+  p.S = S;
+  p.task_of = task_of;
+  int64_t extent, tile, target, lanes, CB;
+  if (!interleaved) {
+    p.SV = S / vec;
+    // Enough lanes per plane for about one tile, more when there are too few channels to fill a block.
+    lanes = floor_pow2(std::min<int64_t>(32, std::max<int64_t>(1, ceil_div(p.SV, depth))));
+    while (lanes < 32 && C * lanes < kThreads) lanes *= 2;
+    CB = ceil_div(C, kThreads / lanes);
+    extent = p.SV;
+    tile = lanes * depth;
+    target = std::min(std::max(ceil_div(N * p.SV * CB, units_target), tile),
+                      std::max(tile, kMaxUnitElements / vec));
+  } else {
+    const int64_t CV = C / vec;
+    lanes = ceil_pow2(std::min<int64_t>(CV, 32));
+    CB = ceil_div(CV, lanes);
+    extent = S;
+    tile = (kThreads / lanes) * depth;
+    target = std::min(std::max(ceil_div(N * S * CB, units_target), tile), std::max(tile, kMaxUnitElements));
+    // Packs between the rows of a tile are 32-bit offsets.
+    p.fits = CV * (kThreads / lanes) * depth <= kIntMax;
+    p.CV = static_cast<int>(std::min(CV, kIntMax));
+  }
+  int64_t NB, J, L;
+  if (extent >= target) {
+    NB = 1;
+    J = ceil_div(extent, target);
+    L = ceil_div(ceil_div(extent, J), tile) * tile;
+    J = ceil_div(extent, L);
+  } else {
+    J = 1;
+    L = extent;
+    NB = std::min<int64_t>(std::max<int64_t>(target / extent, 1), N);
+  }
+  const int64_t SB = ceil_div(N, NB), units = SB * J * CB, slots = N * J;
+  // Samples below 2^30 so that the 32-sample votes of task_run_end cannot overflow.
+  p.fits = (interleaved ? p.fits : true) && N <= (kIntMax >> 1) && C <= kIntMax && units <= kIntMax &&
+           slots <= kIntMax && L <= kIntMax && per_task <= kIntMax;
+  p.N = static_cast<int>(std::min(N, kIntMax));
+  p.C = static_cast<int>(std::min(C, kIntMax));
+  p.lanes = static_cast<int>(lanes);
+  p.lanes_log2 = log2_of(p.lanes);
+  p.CB = static_cast<int>(std::min(CB, kIntMax));
+  p.NB = static_cast<int>(std::min(NB, kIntMax));
+  p.SB = static_cast<int>(std::min(SB, kIntMax));
+  p.J = static_cast<int>(std::min(J, kIntMax));
+  p.L = static_cast<int>(std::min(L, kIntMax));
+  p.units = static_cast<int>(std::min(units, kIntMax));
+  p.slots = static_cast<int>(std::min(slots, kIntMax));
+  p.per_task = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, per_task), kIntMax));
+  return p;
+}
+
+struct Unit {
+  int n0, n1, j, cb;  // samples [n0, n1), chunk j, channel block cb
+};
+
+// Planar units in memory order: sample block, then channel block, then chunk.
+__device__ __forceinline__ Unit planar_unit(const Plan& p, int u) {
+  Unit un;
+  un.j = u % p.J;
+  const int rest = u / p.J;
+  un.cb = rest % p.CB;
+  un.n0 = (rest / p.CB) * p.NB;
+  un.n1 = un.n0 + min(p.NB, p.N - un.n0);
+  return un;
+}
+
+// Interleaved units in memory order: sample block, then chunk, then channel group.
+__device__ __forceinline__ Unit interleaved_unit(const Plan& p, int u) {
+  Unit un;
+  un.cb = u % p.CB;
+  const int rest = u / p.CB;
+  un.j = rest % p.J;
+  un.n0 = (rest / p.J) * p.NB;
+  un.n1 = un.n0 + min(p.NB, p.N - un.n0);
+  return un;
+}
+
+__device__ __forceinline__ int task_at(const Plan& p, int n) {
+  return p.task_of != nullptr ? p.task_of[n] : n / p.per_task;
+}
+
+// The first sample m in (n, n1) whose task is not t, or n1. Every lane of the warp must call it with the
+// same arguments (it votes over 32 samples at a time).
+__device__ __forceinline__ int task_run_end(const Plan& p, int n, int n1, int t) {
+  if (p.task_of == nullptr) return static_cast<int>(min64(n1, (static_cast<int64_t>(t) + 1) * p.per_task));
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  for (int m = n + 1; m < n1; m += 32) {
+    const bool other = lane < n1 - m && p.task_of[m + lane] != t;
+    const unsigned mask = __ballot_sync(kFullMask, other);
+    if (mask != 0u) return m + (__ffs(static_cast<int>(mask)) - 1);
+  }
+  return n1;
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* base, int64_t index) {
+  return reinterpret_cast<const Pack<T, V>*>(base)[index];
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* base, int64_t index, const Pack<T, V>& value) {
+  reinterpret_cast<Pack<T, V>*>(base)[index] = value;
+}
+
+// d·s + b as one fused multiply-add: the forward's y and the backward's relu mask round identically.
+__device__ __forceinline__ float affine(float d, float s, float b) { return fmaf(d, s, b); }
+__device__ __forceinline__ double affine(double d, double s, double b) { return fma(d, s, b); }
+
+template <typename T>
+__device__ __forceinline__ T relu_if(T v, bool relu) {
+  return relu && !(v > T(0)) ? T(0) : v;
+}
+
+// Chan's merge of (nb, mb, qb) into (n, mean, m2): counts, means and sums of squared deviations.
+template <typename T>
+__device__ __forceinline__ void chan_merge(T& n, T& mean, T& m2, T nb, T mb, T qb) {
+  if (nb > T(0)) {
+    const T total = n + nb;
+    const T f = nb / total;
+    const T delta = mb - mean;
+    mean += delta * f;
+    m2 += qb + delta * delta * (n * f);
+    n = total;
+  }
+}
+
+// The same for V channels seen the same number of times.
+template <typename T, int V>
+__device__ __forceinline__ void chan_merge_vec(T& n, T (&mean)[V], T (&m2)[V], T nb, const T (&mb)[V],
+                                               const T (&qb)[V]) {
+  if (nb > T(0)) {
+    const T total = n + nb;
+    const T f = nb / total;
+    const T g = n * f;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const T delta = mb[e] - mean[e];
+      mean[e] += delta * f;
+      m2[e] += qb[e] + delta * delta * g;
+    }
+    n = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Statistics: partial (mean, M2) per segment and channel, and the count of every slot.
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    moments_planar_kernel(const scalar_t* __restrict__ x, const Plan p, double* __restrict__ part_mean,
+                          acc_t* __restrict__ part_m2, int64_t* __restrict__ part_count) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lanes = p.lanes, li = tid & (lanes - 1);
+  const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
+  const int step = lanes * U;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = planar_unit(p, it);
+    const int c = un.cb * per_block + group;
+    const bool cvalid = c < p.C;
+    const int64_t pa = static_cast<int64_t>(un.j) * p.L;
+    const int len = static_cast<int>(min64(p.L, p.SV - pa));  // packs of the chunk
+    acc_t pivot = 0, cnt = 0, mean = 0, m2 = 0;
+    int seg = un.n0;
+    int t_seg = task_at(p, un.n0);
+    // Ends the segment [seg, seg_end): merges the `lanes` threads of each plane, writes the partial row.
+    const auto flush = [&](int seg_end) {
+      for (int off = lanes >> 1; off > 0; off >>= 1) {
+        const acc_t nb = __shfl_down_sync(kFullMask, cnt, off);
+        const acc_t mb = __shfl_down_sync(kFullMask, mean, off);
+        const acc_t qb = __shfl_down_sync(kFullMask, m2, off);
+        chan_merge(cnt, mean, m2, nb, mb, qb);
+      }
+      const int slot = seg * p.J + un.j;
+      if (li == 0 && cvalid) {
+        part_mean[static_cast<int64_t>(slot) * p.C + c] = static_cast<double>(pivot) + static_cast<double>(mean);
+        part_m2[static_cast<int64_t>(slot) * p.C + c] = m2;
+      }
+      if (un.cb == 0)
+        for (int m = seg + tid; m < seg_end; m += kThreads)
+          part_count[m * p.J + un.j] = m == seg ? static_cast<int64_t>(seg_end - seg) * len * VEC : 0;
+      cnt = mean = m2 = acc_t(0);
+    };
+    for (int n = un.n0; n < un.n1; ++n) {
+      const int t = task_at(p, n);
+      if (t != t_seg) {
+        flush(n);
+        seg = n;
+        t_seg = t;
+      }
+      if (!cvalid) continue;
+      const scalar_t* src = x + ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;  // chunk of plane (n, c)
+      if (n == seg) pivot = static_cast<acc_t>(src[0]);
+      for (int q0 = li; q0 < len; q0 += step) {
+        Pack<scalar_t, VEC> pk[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = q0 + k * lanes < len;
+          if (ok[k]) pk[k] = load_pack<VEC>(src, q0 + k * lanes);
+        }
+        acc_t sum = 0;
+        int valid = 0;
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+          ++valid;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sum += static_cast<acc_t>(pk[k].v[e]) - pivot;
+        }
+        const acc_t nb = static_cast<acc_t>(valid * VEC);
+        const acc_t mb = sum / nb;
+        acc_t qb = 0;
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = (static_cast<acc_t>(pk[k].v[e]) - pivot) - mb;
+            qb += d * d;
+          }
+        }
+        chan_merge(cnt, mean, m2, nb, mb, qb);
+      }
+    }
+    flush(un.n1);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    moments_interleaved_kernel(const scalar_t* __restrict__ x, const Plan p, double* __restrict__ part_mean,
+                               acc_t* __restrict__ part_m2, int64_t* __restrict__ part_count) {
+  __shared__ acc_t sh_mean[kWarps][32 * VEC];
+  __shared__ acc_t sh_m2[kWarps][32 * VEC];
+  __shared__ acc_t sh_pivot[32 * VEC];
+  __shared__ acc_t sh_cnt[kWarps];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
+  const int by = kThreads >> p.lanes_log2;
+  const int row_step = by * U;
+  const int rstride = by * p.CV;  // packs between a thread's rows of a tile
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = interleaved_unit(p, it);
+    const int cv = un.cb * bx + tx;
+    const bool cvalid = cv < p.CV;
+    // Rows [ra, rb) of samples [na, ne), all of one task: one partial row at slot na · J + j.
+    const auto segment = [&](int64_t ra, int64_t rb, int na, int ne) {
+      acc_t pivot[VEC], mean[VEC], m2[VEC], cnt = 0;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) pivot[e] = mean[e] = m2[e] = acc_t(0);
+      if (cvalid) {
+        const Pack<scalar_t, VEC> first = load_pack<VEC>(x, ra * p.CV + cv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) pivot[e] = static_cast<acc_t>(first.v[e]);
+        for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
+          const int left = static_cast<int>(min64(rb - r0, row_step));  // k · by < left: row k is in range
+          const scalar_t* src = x + (r0 * p.CV + cv) * VEC;
+          Pack<scalar_t, VEC> pk[U];
+          bool ok[U];
+          int valid = 0;
+#pragma unroll
+          for (int k = 0; k < U; ++k) {
+            ok[k] = k * by < left;
+            if (ok[k]) {
+              pk[k] = load_pack<VEC>(src, k * rstride);
+              ++valid;
+            }
+          }
+          const acc_t nb = static_cast<acc_t>(valid);
+          acc_t mb[VEC], qb[VEC];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            acc_t sum = 0;
+#pragma unroll
+            for (int k = 0; k < U; ++k)
+              if (ok[k]) sum += static_cast<acc_t>(pk[k].v[e]) - pivot[e];
+            mb[e] = sum / nb;
+          }
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            acc_t q = 0;
+#pragma unroll
+            for (int k = 0; k < U; ++k) {
+              if (!ok[k]) continue;
+              const acc_t d = (static_cast<acc_t>(pk[k].v[e]) - pivot[e]) - mb[e];
+              q += d * d;
+            }
+            qb[e] = q;
+          }
+          chan_merge_vec(cnt, mean, m2, nb, mb, qb);
+        }
+      }
+      // Lanes l and l + off (off a multiple of bx) hold the same channels: merge down to lanes < bx.
+      for (int off = 16; off >= bx; off >>= 1) {
+        const acc_t nb = __shfl_down_sync(kFullMask, cnt, off);
+        acc_t mb[VEC], qb[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          mb[e] = __shfl_down_sync(kFullMask, mean[e], off);
+          qb[e] = __shfl_down_sync(kFullMask, m2[e], off);
+        }
+        chan_merge_vec(cnt, mean, m2, nb, mb, qb);
+      }
+      if (lane < bx) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          sh_mean[warp][lane * VEC + e] = mean[e];
+          sh_m2[warp][lane * VEC + e] = m2[e];
+          if (warp == 0) sh_pivot[lane * VEC + e] = pivot[e];
+        }
+        if (lane == 0) sh_cnt[warp] = cnt;  // lane 0 holds channel pack 0 of the group, which always exists
+      }
+      __syncthreads();
+      if (tid < bx * VEC) {
+        acc_t n = 0, mu = 0, q = 0;
+        for (int w = 0; w < kWarps; ++w) chan_merge(n, mu, q, sh_cnt[w], sh_mean[w][tid], sh_m2[w][tid]);
+        const int c = un.cb * bx * VEC + tid;
+        if (c < p.C) {
+          const int64_t row = static_cast<int64_t>(na * p.J + un.j) * p.C;
+          part_mean[row + c] = static_cast<double>(sh_pivot[tid]) + static_cast<double>(mu);
+          part_m2[row + c] = q;
+        }
+      }
+      if (un.cb == 0)
+        for (int m = na + tid; m < ne; m += kThreads) part_count[m * p.J + un.j] = m == na ? rb - ra : 0;
+      __syncthreads();
+    };
+    if (p.J > 1) {
+      const int64_t r0 = static_cast<int64_t>(un.n0) * p.S;
+      segment(r0 + static_cast<int64_t>(un.j) * p.L, r0 + min64(static_cast<int64_t>(un.j + 1) * p.L, p.S), un.n0,
+              un.n0 + 1);
+    } else {
+      for (int n = un.n0; n < un.n1;) {
+        const int ne = task_run_end(p, n, un.n1, task_at(p, n));
+        segment(static_cast<int64_t>(n) * p.S, static_cast<int64_t>(ne) * p.S, n, ne);
+        n = ne;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// y = (x − mean)·scale + shift (+ relu); units in reverse order.
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    apply_planar_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
+                        const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                        const acc_t* __restrict__ shift, bool relu) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lanes = p.lanes, li = tid & (lanes - 1);
+  const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
+  const int step = lanes * U;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = planar_unit(p, p.units - 1 - it);
+    const int c = un.cb * per_block + group;
+    if (c >= p.C) continue;
+    const int64_t pa = static_cast<int64_t>(un.j) * p.L;
+    const int len = static_cast<int>(min64(p.L, p.SV - pa));
+    for (int n = un.n0; n < un.n1; ++n) {
+      const int64_t k0 = static_cast<int64_t>(task_at(p, n)) * p.C + c;
+      const acc_t mu = mean[k0], sc = scale[k0], sh = shift != nullptr ? shift[k0] : acc_t(0);
+      const int64_t base = ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;
+      for (int q0 = li; q0 < len; q0 += step) {
+        Pack<scalar_t, VEC> in[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = q0 + k * lanes < len;
+          if (ok[k]) in[k] = load_pack<VEC>(x + base, q0 + k * lanes);
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            out.v[e] = static_cast<scalar_t>(relu_if(affine(static_cast<acc_t>(in[k].v[e]) - mu, sc, sh), relu));
+          store_pack<VEC>(y + base, q0 + k * lanes, out);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    apply_interleaved_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
+                             const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                             const acc_t* __restrict__ shift, bool relu) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
+  const int by = kThreads >> p.lanes_log2;
+  const int row_step = by * U;
+  const int rstride = by * p.CV;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = interleaved_unit(p, p.units - 1 - it);
+    const int cv = un.cb * bx + tx;
+    const bool cvalid = cv < p.CV;
+    const auto segment = [&](int64_t ra, int64_t rb, int t) {
+      if (!cvalid) return;
+      acc_t mu[VEC], sc[VEC], sh[VEC];
+      const int64_t k0 = static_cast<int64_t>(t) * p.C + cv * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        mu[e] = mean[k0 + e];
+        sc[e] = scale[k0 + e];
+        sh[e] = shift != nullptr ? shift[k0 + e] : acc_t(0);
+      }
+      for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
+        const int left = static_cast<int>(min64(rb - r0, row_step));
+        const int64_t offset = (r0 * p.CV + cv) * VEC;
+        Pack<scalar_t, VEC> in[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = k * by < left;
+          if (ok[k]) in[k] = load_pack<VEC>(x + offset, k * rstride);
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            out.v[e] =
+                static_cast<scalar_t>(relu_if(affine(static_cast<acc_t>(in[k].v[e]) - mu[e], sc[e], sh[e]), relu));
+          store_pack<VEC>(y + offset, k * rstride, out);
+        }
+      }
+    };
+    if (p.J > 1) {
+      const int64_t r0 = static_cast<int64_t>(un.n0) * p.S;
+      segment(r0 + static_cast<int64_t>(un.j) * p.L, r0 + min64(static_cast<int64_t>(un.j + 1) * p.L, p.S),
+              task_at(p, un.n0));
+    } else {
+      for (int n = un.n0; n < un.n1;) {
+        const int t = task_at(p, n);
+        const int ne = task_run_end(p, n, un.n1, t);
+        segment(static_cast<int64_t>(n) * p.S, static_cast<int64_t>(ne) * p.S, t);
+        n = ne;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward sums per segment and channel: Σdy', Σdy'·(x − mean), dy' = dy masked by the relu recomputed from x.
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    grad_sums_planar_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const Plan p,
+                            const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                            const acc_t* __restrict__ shift, bool relu, acc_t* __restrict__ part_s1,
+                            acc_t* __restrict__ part_s2, int64_t* __restrict__ part_count) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lanes = p.lanes, li = tid & (lanes - 1);
+  const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
+  const int step = lanes * U;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = planar_unit(p, it);
+    const int c = un.cb * per_block + group;
+    const bool cvalid = c < p.C;
+    const int64_t pa = static_cast<int64_t>(un.j) * p.L;
+    const int len = static_cast<int>(min64(p.L, p.SV - pa));
+    acc_t s1 = 0, s2 = 0;
+    int seg = un.n0;
+    int t_seg = task_at(p, un.n0);
+    const auto flush = [&](int seg_end) {
+      for (int off = lanes >> 1; off > 0; off >>= 1) {
+        s1 += __shfl_down_sync(kFullMask, s1, off);
+        s2 += __shfl_down_sync(kFullMask, s2, off);
+      }
+      const int slot = seg * p.J + un.j;
+      if (li == 0 && cvalid) {
+        part_s1[static_cast<int64_t>(slot) * p.C + c] = s1;
+        part_s2[static_cast<int64_t>(slot) * p.C + c] = s2;
+      }
+      if (un.cb == 0)
+        for (int m = seg + tid; m < seg_end; m += kThreads)
+          part_count[m * p.J + un.j] = m == seg ? static_cast<int64_t>(seg_end - seg) * len * VEC : 0;
+      s1 = s2 = acc_t(0);
+    };
+    for (int n = un.n0; n < un.n1; ++n) {
+      const int t = task_at(p, n);
+      if (t != t_seg) {
+        flush(n);
+        seg = n;
+        t_seg = t;
+      }
+      if (!cvalid) continue;
+      const int64_t k0 = static_cast<int64_t>(t) * p.C + c;
+      const acc_t mu = mean[k0], sc = scale[k0], sh = shift != nullptr ? shift[k0] : acc_t(0);
+      const int64_t base = ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;
+      for (int q0 = li; q0 < len; q0 += step) {
+        Pack<scalar_t, VEC> px[U], pg[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = q0 + k * lanes < len;
+          if (ok[k]) {
+            px[k] = load_pack<VEC>(x + base, q0 + k * lanes);
+            pg[k] = load_pack<VEC>(dy + base, q0 + k * lanes);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu;
+            const acc_t g = relu && !(affine(d, sc, sh) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
+            s1 += g;
+            s2 += g * d;
+          }
+        }
+      }
+    }
+    flush(un.n1);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    grad_sums_interleaved_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const Plan p,
+                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                                 const acc_t* __restrict__ shift, bool relu, acc_t* __restrict__ part_s1,
+                                 acc_t* __restrict__ part_s2, int64_t* __restrict__ part_count) {
+  __shared__ acc_t sh_s1[kWarps][32 * VEC];
+  __shared__ acc_t sh_s2[kWarps][32 * VEC];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
+  const int by = kThreads >> p.lanes_log2;
+  const int row_step = by * U;
+  const int rstride = by * p.CV;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = interleaved_unit(p, it);
+    const int cv = un.cb * bx + tx;
+    const bool cvalid = cv < p.CV;
+    const auto segment = [&](int64_t ra, int64_t rb, int na, int ne, int t) {
+      acc_t s1[VEC], s2[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s1[e] = s2[e] = acc_t(0);
+      if (cvalid) {
+        acc_t mu[VEC], sc[VEC], sh[VEC];
+        const int64_t k0 = static_cast<int64_t>(t) * p.C + cv * VEC;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          mu[e] = mean[k0 + e];
+          sc[e] = scale[k0 + e];
+          sh[e] = shift != nullptr ? shift[k0 + e] : acc_t(0);
+        }
+        for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
+          const int left = static_cast<int>(min64(rb - r0, row_step));
+          const int64_t offset = (r0 * p.CV + cv) * VEC;
+          Pack<scalar_t, VEC> px[U], pg[U];
+          bool ok[U];
+#pragma unroll
+          for (int k = 0; k < U; ++k) {
+            ok[k] = k * by < left;
+            if (ok[k]) {
+              px[k] = load_pack<VEC>(x + offset, k * rstride);
+              pg[k] = load_pack<VEC>(dy + offset, k * rstride);
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < U; ++k) {
+            if (!ok[k]) continue;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu[e];
+              const acc_t g =
+                  relu && !(affine(d, sc[e], sh[e]) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
+              s1[e] += g;
+              s2[e] += g * d;
+            }
+          }
+        }
+      }
+      for (int off = 16; off >= bx; off >>= 1) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          s1[e] += __shfl_down_sync(kFullMask, s1[e], off);
+          s2[e] += __shfl_down_sync(kFullMask, s2[e], off);
+        }
+      }
+      if (lane < bx) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          sh_s1[warp][lane * VEC + e] = s1[e];
+          sh_s2[warp][lane * VEC + e] = s2[e];
+        }
+      }
+      __syncthreads();
+      if (tid < bx * VEC) {
+        acc_t a1 = 0, a2 = 0;
+        for (int w = 0; w < kWarps; ++w) {
+          a1 += sh_s1[w][tid];
+          a2 += sh_s2[w][tid];
+        }
+        const int c = un.cb * bx * VEC + tid;
+        if (c < p.C) {
+          const int64_t row = static_cast<int64_t>(na * p.J + un.j) * p.C;
+          part_s1[row + c] = a1;
+          part_s2[row + c] = a2;
+        }
+      }
+      if (un.cb == 0)
+        for (int m = na + tid; m < ne; m += kThreads) part_count[m * p.J + un.j] = m == na ? rb - ra : 0;
+      __syncthreads();
+    };
+    if (p.J > 1) {
+      const int64_t r0 = static_cast<int64_t>(un.n0) * p.S;
+      segment(r0 + static_cast<int64_t>(un.j) * p.L, r0 + min64(static_cast<int64_t>(un.j + 1) * p.L, p.S), un.n0,
+              un.n0 + 1, task_at(p, un.n0));
+    } else {
+      for (int n = un.n0; n < un.n1;) {
+        const int t = task_at(p, n);
+        const int ne = task_run_end(p, n, un.n1, t);
+        segment(static_cast<int64_t>(n) * p.S, static_cast<int64_t>(ne) * p.S, n, ne, t);
+        n = ne;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dx = coef_dy·dy' + coef_d·(x − mean) + coef_0, all per (task, channel); units in reverse order.
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    grad_input_planar_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                             scalar_t* __restrict__ dx, const Plan p, const acc_t* __restrict__ mean,
+                             const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                             const acc_t* __restrict__ coef_dy, const acc_t* __restrict__ coef_d,
+                             const acc_t* __restrict__ coef_0, bool relu) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lanes = p.lanes, li = tid & (lanes - 1);
+  const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
+  const int step = lanes * U;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = planar_unit(p, p.units - 1 - it);
+    const int c = un.cb * per_block + group;
+    if (c >= p.C) continue;
+    const int64_t pa = static_cast<int64_t>(un.j) * p.L;
+    const int len = static_cast<int>(min64(p.L, p.SV - pa));
+    for (int n = un.n0; n < un.n1; ++n) {
+      const int64_t k0 = static_cast<int64_t>(task_at(p, n)) * p.C + c;
+      const acc_t mu = mean[k0], sc = scale[k0], sh = shift != nullptr ? shift[k0] : acc_t(0);
+      const acc_t a = coef_dy[k0], b = coef_d[k0], z = coef_0[k0];
+      const int64_t base = ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;
+      for (int q0 = li; q0 < len; q0 += step) {
+        Pack<scalar_t, VEC> px[U], pg[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = q0 + k * lanes < len;
+          if (ok[k]) {
+            px[k] = load_pack<VEC>(x + base, q0 + k * lanes);
+            pg[k] = load_pack<VEC>(dy + base, q0 + k * lanes);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu;
+            const acc_t g = relu && !(affine(d, sc, sh) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
+            out.v[e] = static_cast<scalar_t>(a * g + b * d + z);
+          }
+          store_pack<VEC>(dx + base, q0 + k * lanes, out);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    grad_input_interleaved_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                                  scalar_t* __restrict__ dx, const Plan p, const acc_t* __restrict__ mean,
+                                  const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                                  const acc_t* __restrict__ coef_dy, const acc_t* __restrict__ coef_d,
+                                  const acc_t* __restrict__ coef_0, bool relu) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
+  const int by = kThreads >> p.lanes_log2;
+  const int row_step = by * U;
+  const int rstride = by * p.CV;
+  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
+    const Unit un = interleaved_unit(p, p.units - 1 - it);
+    const int cv = un.cb * bx + tx;
+    const bool cvalid = cv < p.CV;
+    const auto segment = [&](int64_t ra, int64_t rb, int t) {
+      if (!cvalid) return;
+      acc_t mu[VEC], sc[VEC], sh[VEC], a[VEC], b[VEC], z[VEC];
+      const int64_t k0 = static_cast<int64_t>(t) * p.C + cv * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        mu[e] = mean[k0 + e];
+        sc[e] = scale[k0 + e];
+        sh[e] = shift != nullptr ? shift[k0 + e] : acc_t(0);
+        a[e] = coef_dy[k0 + e];
+        b[e] = coef_d[k0 + e];
+        z[e] = coef_0[k0 + e];
+      }
+      for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
+        const int left = static_cast<int>(min64(rb - r0, row_step));
+        const int64_t offset = (r0 * p.CV + cv) * VEC;
+        Pack<scalar_t, VEC> px[U], pg[U];
+        bool ok[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          ok[k] = k * by < left;
+          if (ok[k]) {
+            px[k] = load_pack<VEC>(x + offset, k * rstride);
+            pg[k] = load_pack<VEC>(dy + offset, k * rstride);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (!ok[k]) continue;
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu[e];
+            const acc_t g =
+                relu && !(affine(d, sc[e], sh[e]) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
+            out.v[e] = static_cast<scalar_t>(a[e] * g + b[e] * d + z[e]);
+          }
+          store_pack<VEC>(dx + offset, k * rstride, out);
+        }
+      }
+    };
+    if (p.J > 1) {
+      const int64_t r0 = static_cast<int64_t>(un.n0) * p.S;
+      segment(r0 + static_cast<int64_t>(un.j) * p.L, r0 + min64(static_cast<int64_t>(un.j + 1) * p.L, p.S),
+              task_at(p, un.n0));
+    } else {
+      for (int n = un.n0; n < un.n1;) {
+        const int t = task_at(p, n);
+        const int ne = task_run_end(p, n, un.n1, t);
+        segment(static_cast<int64_t>(n) * p.S, static_cast<int64_t>(ne) * p.S, t);
+        n = ne;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Merges. Block b = t · groups + g combines, for task t and channels [32g, 32g + 32) (one per lane), every
+// slot of task t: warp w takes the windows of 32 slots w, w + kMergeWarps, ... in order, votes which slots
+// of the window start a segment of task t and folds them in slot order (Chan in double); the warps' results
+// are then folded in warp order. Without task_ids the slots of task t are [t·per_task·J, (t+1)·per_task·J).
+
+__device__ __forceinline__ void task_slots(const Plan& p, int t, int& lo, int& hi) {
+  if (p.task_of == nullptr) {
+    lo = static_cast<int>(min64(static_cast<int64_t>(t) * p.per_task, p.N)) * p.J;
+    hi = static_cast<int>(min64(static_cast<int64_t>(t + 1) * p.per_task, p.N)) * p.J;
+  } else {
+    lo = 0;
+    hi = p.slots;
+  }
+}
+
+// The count of slot s if it starts a segment of task t, else 0.
+__device__ __forceinline__ long long slot_count(const Plan& p, const int64_t* __restrict__ part_count, int s,
+                                                int hi, int t) {
+  if (s >= hi) return 0;
+  const long long cnt = part_count[s];
+  if (cnt > 0 && p.task_of != nullptr && p.task_of[s / p.J] != t) return 0;
+  return cnt;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_moments_kernel(const double* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
+                         const int64_t* __restrict__ part_count, const Plan p, int groups, double eps,
+                         const acc_t* __restrict__ gate, acc_t* __restrict__ mean, acc_t* __restrict__ var,
+                         acc_t* __restrict__ invstd, acc_t* __restrict__ scale, acc_t* __restrict__ count) {
+  __shared__ double sh_n[kMergeWarps][32], sh_mean[kMergeWarps][32], sh_m2[kMergeWarps][32];
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int t = static_cast<int>(blockIdx.x) / groups, g = static_cast<int>(blockIdx.x) % groups;
+  const int c = g * 32 + lane;
+  const bool cvalid = c < p.C;
+  int lo, hi;
+  task_slots(p, t, lo, hi);
+  double n = 0, mu = 0, m2 = 0;
+  for (int w0 = lo + warp * 32; w0 < hi; w0 += kMergeWarps * 32) {
+    const long long cnt = slot_count(p, part_count, w0 + lane, hi, t);
+    unsigned mask = __ballot_sync(kFullMask, cnt > 0);
+    while (mask != 0u) {
+      double nb[kMergeBatch], mb[kMergeBatch];
+      acc_t qb[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const bool use = mask != 0u;
+        const int b = use ? __ffs(static_cast<int>(mask)) - 1 : 0;
+        mask &= mask - 1u;
+        const long long nk = __shfl_sync(kFullMask, cnt, b);
+        const int64_t at = static_cast<int64_t>(w0 + b) * p.C + c;
+        nb[i] = use ? static_cast<double>(nk) : 0.0;
+        mb[i] = use && cvalid ? part_mean[at] : 0.0;
+        qb[i] = use && cvalid ? part_m2[at] : acc_t(0);
+      }
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i)
+        chan_merge(n, mu, m2, nb[i], mb[i], static_cast<double>(qb[i]));
+    }
+  }
+  sh_n[warp][lane] = n;
+  sh_mean[warp][lane] = mu;
+  sh_m2[warp][lane] = m2;
+  __syncthreads();
+  if (warp != 0) return;
+  double tn = 0, tm = 0, tq = 0;
+  for (int w = 0; w < kMergeWarps; ++w) chan_merge(tn, tm, tq, sh_n[w][lane], sh_mean[w][lane], sh_m2[w][lane]);
+  if (cvalid) {
+    const int64_t k = static_cast<int64_t>(t) * p.C + c;
+    const double v = tn > 0 ? tq / tn : 0.0;
+    const acc_t r = static_cast<acc_t>(1.0 / sqrt(v + eps));
+    mean[k] = static_cast<acc_t>(tm);
+    var[k] = static_cast<acc_t>(v);
+    invstd[k] = r;
+    scale[k] = gate != nullptr ? gate[k] * r : r;
+  }
+  if (g == 0 && lane == 0) count[t] = static_cast<acc_t>(tn);
+}
+
+// Backward merge: s1, s2 (double) per (task, channel) and, from the element count m of each task, the
+// input-gradient coefficients coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval),
+// r = invstd. m is counted here from the slots, so no host-side count (bincount) is needed.
+template <typename acc_t>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_sums_kernel(const acc_t* __restrict__ part_s1, const acc_t* __restrict__ part_s2,
+                      const int64_t* __restrict__ part_count, const Plan p, int groups,
+                      const acc_t* __restrict__ gate, const acc_t* __restrict__ invstd, bool training,
+                      double* __restrict__ s1_out, double* __restrict__ s2_out, acc_t* __restrict__ coef_dy,
+                      acc_t* __restrict__ coef_d, acc_t* __restrict__ coef_0) {
+  __shared__ double sh_n[kMergeWarps][32], sh_s1[kMergeWarps][32], sh_s2[kMergeWarps][32];
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int t = static_cast<int>(blockIdx.x) / groups, g = static_cast<int>(blockIdx.x) % groups;
+  const int c = g * 32 + lane;
+  const bool cvalid = c < p.C;
+  int lo, hi;
+  task_slots(p, t, lo, hi);
+  double n = 0, a1 = 0, a2 = 0;
+  for (int w0 = lo + warp * 32; w0 < hi; w0 += kMergeWarps * 32) {
+    const long long cnt = slot_count(p, part_count, w0 + lane, hi, t);
+    unsigned mask = __ballot_sync(kFullMask, cnt > 0);
+    while (mask != 0u) {
+      double nb[kMergeBatch];
+      acc_t v1[kMergeBatch], v2[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const bool use = mask != 0u;
+        const int b = use ? __ffs(static_cast<int>(mask)) - 1 : 0;
+        mask &= mask - 1u;
+        const long long nk = __shfl_sync(kFullMask, cnt, b);
+        const int64_t at = static_cast<int64_t>(w0 + b) * p.C + c;
+        nb[i] = use ? static_cast<double>(nk) : 0.0;
+        v1[i] = use && cvalid ? part_s1[at] : acc_t(0);
+        v2[i] = use && cvalid ? part_s2[at] : acc_t(0);
+      }
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        n += nb[i];
+        a1 += static_cast<double>(v1[i]);
+        a2 += static_cast<double>(v2[i]);
+      }
+    }
+  }
+  sh_n[warp][lane] = n;
+  sh_s1[warp][lane] = a1;
+  sh_s2[warp][lane] = a2;
+  __syncthreads();
+  if (warp != 0 || !cvalid) return;
+  double m = 0, s1 = 0, s2 = 0;
+  for (int w = 0; w < kMergeWarps; ++w) {
+    m += sh_n[w][lane];
+    s1 += sh_s1[w][lane];
+    s2 += sh_s2[w][lane];
+  }
+  const int64_t k = static_cast<int64_t>(t) * p.C + c;
+  const double r = static_cast<double>(invstd[k]);
+  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
+  const double mm = m > 1.0 ? m : 1.0;
+  s1_out[k] = s1;
+  s2_out[k] = s2;
+  coef_dy[k] = static_cast<acc_t>(ar);
+  coef_d[k] = training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0);
+  coef_0[k] = training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0);
+}
+
+}  // namespace bn_kernels
+}  // namespace tsbn
