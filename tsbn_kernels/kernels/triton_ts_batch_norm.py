@@ -11,6 +11,10 @@ into per-(task, channel) coefficients held in registers for the whole span and r
 reverse order of the statistics pass, so their first reads hit what that pass left in L2; the backward
 recomputes the relu mask from x instead of storing it.
 
+Tile sizes come from a table swept offline per device (tsbn_kernels.tuning, benchmarks/tune_triton.py), keyed by
+the nearest benchmarked shape, not from triton.autotune: a choice by timing at run time could pick another cut on
+the next run, and another cut rounds differently — results would no longer be bitwise reproducible.
+
 Registered with torch.library.custom_op (opaque to torch.compile, with fake impls and autograd) rather than
 triton_op: triton_op's tracing into the kernel fails under TRITON_INTERPRET=1, which the CPU test suite uses.
 """
