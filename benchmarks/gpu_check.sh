@@ -78,7 +78,7 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   # The kernels, their autograd, graphs and aggregation on the GPU; pipeline/analysis tests are CPU-side code.
   phase "GPU tests" 120 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -rfE \
-    tests/test_fused_batch_norm.py tests/test_fused_layer_norm.py tests/test_triton_split.py tests/test_cuda_graphs.py \
+    tests/test_fused_batch_norm.py tests/test_cuda_slab_kernel.py tests/test_fused_layer_norm.py tests/test_triton_split.py tests/test_cuda_graphs.py \
     tests/test_extension.py tests/test_modules.py tests/test_validation.py tests/test_convert.py tests/test_mtl_gramian.py \
     tests/test_mtl_weightings.py tests/test_mtl_per_task.py tests/test_sync_batch_norm.py tests/test_tuning.py \
     > "$OUT/tests.log" 2>&1

@@ -3,7 +3,9 @@
 Per group (pass × shape × dtype × layout), side by side in one run: each available backend of ours, the
 eager reference ("eager"), a loop of T F.batch_norm calls ("loop_F.batch_norm", the timm SplitBatchNorm
 style), one plain nn.BatchNorm2d over the same tensor ("plain_batch_norm", the cost floor), and on the GPU
-torch.compile of the reference ("compiled_reference"). Bytes follow DESIGN.md §4's ideal model:
+torch.compile of the reference ("compiled_reference"). Where the CUDA backend is built, "cuda_split" is that
+backend forced onto its split design (TSBN_CUDA_SLAB=0) for NCHW training passes, next to "cuda" (the automatic
+choice: the slab path where a (task, channel) unit fits in shared memory). Bytes follow DESIGN.md §4's ideal model:
 forward 2·M·s, backward 3·M·s (forward+backward 5·M·s), eval 2·M·s.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tsbn_kernels import reference
 
 PASSES = {"forward": 2, "forward_backward": 5, "eval": 2}
 OURS = [b for b in tk.available_backends(DEVICE) if b != "eager"]
+# The CUDA backend on its split design, to compare with its automatic choice of the slab path.
+VARIANTS = ["cuda_split"] if "cuda" in OURS else []
 BASELINES = ["eager", "loop_F.batch_norm", "plain_batch_norm"] + (["compiled_reference"] if DEVICE == "cuda" else [])
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -73,12 +77,19 @@ def candidate(name: str, x, weight, num_tasks: int, training: bool):
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("contender", OURS + BASELINES)
+@pytest.mark.parametrize("contender", OURS + VARIANTS + BASELINES)
 @pytest.mark.parametrize("pass_", list(PASSES))
 @pytest.mark.parametrize("case,dtype,channels_last", list(variants()))
-def test_ts_batch_norm(benchmark, measure, case, dtype, channels_last, pass_, contender):
+def test_ts_batch_norm(benchmark, measure, monkeypatch, case, dtype, channels_last, pass_, contender):
+    if contender == "cuda_split":
+        if channels_last or pass_ == "eval":
+            pytest.skip("the slab path is for NCHW training passes only")
+        monkeypatch.setenv("TSBN_CUDA_SLAB", "0")   # read on every call, forward and backward
+        contender_backend = "cuda"
+    else:
+        contender_backend = contender
     x, grad, weight = _cached_inputs(case.shape, case.num_tasks, dtype, channels_last)
-    fn = candidate(contender, x, weight, case.num_tasks, training=pass_ != "eval")
+    fn = candidate(contender_backend, x, weight, case.num_tasks, training=pass_ != "eval")
 
     def make_step(x, grad):
         if pass_ == "forward_backward":
@@ -98,4 +109,4 @@ def test_ts_batch_norm(benchmark, measure, case, dtype, channels_last, pass_, co
     measure(benchmark, make_step(x, grad), bytes_moved=PASSES[pass_] * x.numel() * x.element_size(),
             rotate=lambda: make_step(*_inputs(case.shape, case.num_tasks, dtype, channels_last, next(seeds))[:2]),
             group=f"ts_batch_norm/{pass_}/{case.id}/{str(dtype)[6:]}/{layout}", contender=contender,
-            ours=contender in OURS, shape=list(case.shape), num_tasks=case.num_tasks)
+            ours=contender in OURS + VARIANTS, shape=list(case.shape), num_tasks=case.num_tasks)

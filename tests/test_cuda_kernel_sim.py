@@ -2,11 +2,14 @@
 tested on machines without a GPU.
 
 tests/cuda_sim/sim_cuda.h mocks the CUDA built-ins the kernels use (threads as fibers, __syncthreads, warp
-shuffles and votes; a collective not reached by every lane is reported as a deadlock), and sim_main.cpp runs
-csrc/cuda/ts_batch_norm_kernels.cuh with the host code's plans for many shapes, both layouts, every pack
-width, replicated/ragged/alternating/empty task layouts and two grid sizes. It checks every output and
-partial-count slot is written, the results against a float64 reference (|mean| = 1e4·std included) and that
-they are bitwise equal across grid sizes. Compiler throughput, fast-math and real memory behaviour are not
+shuffles and votes, dynamic shared memory with a guard; a collective not reached by every lane is reported as a
+deadlock), and sim_main.cpp runs csrc/cuda/ts_batch_norm_kernels.cuh with the host code's plans for many
+shapes, both layouts, every pack width, replicated/ragged/alternating/empty task layouts and two grid sizes,
+and the slab kernels (one block per (task, channel) unit in shared memory) over odd and packed S, N_t = 1, C up
+to 2048 (sampled), T up to 40, several block sizes, eval backward, gates and affine options. It checks every
+output and partial-count slot is written, the results against a float64 reference (|mean| = 1e4·std included)
+and that they are bitwise equal across grid sizes and thread schedules (round robin, and one warp running
+ahead as far as the barriers allow, which exposes a missing barrier). Compiler throughput, fast-math and real memory behaviour are not
 covered: that needs a GPU (tests/test_fused_batch_norm.py, tests/test_cuda_graphs.py).
 TSBN_SIM_MODE=quick (about a minute of run time) or full runs longer sweeps than the default smoke set.
 """

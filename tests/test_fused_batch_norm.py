@@ -40,12 +40,13 @@ def run(backend, x, weight, bias, stats, *, task_ids=None, training=True, moment
                                     training=training, momentum=momentum, eps=eps, gate=gate,
                                     activation=activation)
         grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+        grad_y = grad_y.to(x.device)  # drawn on the CPU (the same values on every device), used where y is
         grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], grad_y.to(x.dtype).double())
         return (y, *_pad(grads, w64, b64), rm64, rv64)
     y = tk.ts_batch_norm(x, weight, bias, rm, rv, task_ids=task_ids, training=training, momentum=momentum,
                          eps=eps, gate=gate, activation=activation, backend=backend, num_tasks=num_tasks)
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    grads = torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None], grad_y.to(x.dtype))
+    grads = torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None], grad_y.to(x.device, x.dtype))
     return (y, *_pad(grads, weight, bias), rm, rv)
 
 

@@ -6,6 +6,11 @@
 //   training forward  moments (reads x)  -> merge_moments ([T, C] stats and scale)  -> apply (x -> y)
 //   eval forward      apply with the running statistics
 //   backward          grad_sums (x, dy)  -> merge_sums (s1, s2, counts, dx coefficients) -> grad_input
+// Planar inputs of the replicated batch (no task_ids) take the slab path where one (task, channel) unit fits
+// in shared memory (slab_config): one block per unit, training forward = slab_forward (x -> y and the [T, C]
+// statistics, 2 passes over memory), backward = slab_backward (x, dy -> dx and s1, s2, 3 passes).
+// TSBN_CUDA_SLAB (read on every call) overrides the choice: 0 always splits, 1 takes the slab path wherever
+// it fits, unset or "auto" applies the heuristic below.
 // No host synchronisation anywhere (CUDA-graph capturable): the per-task element counts come out of the
 // merge kernels, task ids are read on the device only, and every [T, C] step is a kernel or an ATen op.
 // Deterministic: fixed-order reductions, no atomics.
@@ -22,10 +27,13 @@
 #include "ts_batch_norm_kernels.cuh"
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -161,6 +169,120 @@ int merge_grid(int64_t T, int64_t C) {
   return static_cast<int>(blocks);
 }
 
+// ---- Slab path (bn_kernels::slab_forward_kernel / slab_backward_kernel) ----
+
+// The automatic choice takes the slab path only where it should beat the split design's extra passes:
+// - at least kSlabMinUnitsPerSM units (blocks) per SM, so that the grid of T·C blocks fills the GPU;
+// - at least kSlabMinBlocksPerSM resident blocks per SM, so that one block's loads overlap another's
+//   reductions and stores (with one block per SM the SM stops reading memory between its load phase and the
+//   next unit's; not measured yet, so left to TSBN_CUDA_SLAB=1);
+// - planes of at least kSlabMinPlaneBytes, so that each plane's part of a warp's load is whole 128-byte lines
+//   (a block per (task, channel) reads short planes C·S values apart; the split path's lanes then cover
+//   neighbouring channels instead).
+constexpr int64_t kSlabMinUnitsPerSM = 2;
+constexpr int kSlabMinBlocksPerSM = 2;
+constexpr int64_t kSlabMinPlaneBytes = 128;
+
+enum class SlabMode { kOff, kAuto, kPrefer };
+
+// TSBN_CUDA_SLAB, read on every call so that tests and benchmarks can compare both paths in one process.
+SlabMode slab_mode() {
+  const char* env = std::getenv("TSBN_CUDA_SLAB");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return SlabMode::kAuto;
+  if (std::strcmp(env, "0") == 0) return SlabMode::kOff;
+  if (std::strcmp(env, "1") == 0) return SlabMode::kPrefer;
+  TORCH_CHECK_VALUE(false, "TSBN_CUDA_SLAB must be 0 (split path), 1 (slab path wherever a unit fits in shared "
+                    "memory) or auto (the default), got '", env, "'");
+  return SlabMode::kAuto;
+}
+
+// The dynamic shared memory a slab kernel may use on `device`: the opt-in maximum per block less its static
+// shared memory. The first call per (kernel, device) raises the kernel's limit to it with cudaFuncSetAttribute
+// (a function attribute: no work is enqueued and no stream is touched, so this also works while a CUDA graph
+// is being captured; it is done once, normally by the warm-up call before any capture). Also caps the block
+// size at the kernel's maxThreadsPerBlock.
+struct SlabKernelLimits {
+  int64_t max_dynamic = 0;
+  int max_threads = 0;
+};
+
+SlabKernelLimits slab_kernel_limits(const void* kernel, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, SlabKernelLimits> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, static_cast<int>(device));
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  SlabKernelLimits limits;
+  limits.max_dynamic = std::max<int64_t>(0, static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes));
+  limits.max_threads = std::min(attr.maxThreadsPerBlock, bn_kernels::kSlabMaxThreads);
+  if (limits.max_dynamic > 0)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(limits.max_dynamic)));
+  cache.emplace(key, limits);
+  return limits;
+}
+
+// Resident blocks of a slab kernel per SM for a block size and dynamic shared memory size (the occupancy
+// query enqueues no work), cached.
+int slab_blocks_per_sm(const void* kernel, int threads, int64_t smem, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, static_cast<int>(device), threads, smem);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+struct SlabConfig {
+  bool use = false;
+  bn_kernels::SlabPlan plan;
+  int64_t smem = 0;        // dynamic shared memory per block, bytes
+  int blocks_per_sm = 0;   // resident blocks per SM at that size
+};
+
+// Whether an [N, C, S] input takes the slab path, and its launch configuration. `streams`: slabs held per
+// unit (forward 1: x; backward 2: x and dy'), `vec` and `depth` the kernel's pack width and tile depth.
+SlabConfig slab_config(const void* kernel, int64_t N, int64_t C, int64_t S, int64_t T, bool interleaved,
+                       const Tasks& tasks, int vec, int depth, int64_t element_size, int streams,
+                       c10::DeviceIndex device) {
+  SlabConfig cfg;
+  const SlabMode mode = slab_mode();
+  if (mode == SlabMode::kOff || interleaved || tasks.ids.defined() || N <= 0 || C <= 0 || S <= 0 || T < 1 ||
+      N % T != 0)
+    return cfg;
+  const SlabKernelLimits limits = slab_kernel_limits(kernel, device);
+  const int64_t per_task = N / T;
+  const int64_t per_sample = S * element_size * streams;  // bytes of one sample's planes in a unit
+  if (limits.max_threads < bn_kernels::kSlabMinThreads || per_task > limits.max_dynamic / per_sample) return cfg;
+  const int64_t smem = per_task * per_sample;
+  const int by_smem = slab_blocks_per_sm(kernel, bn_kernels::kSlabMinThreads, smem, device);
+  if (by_smem < 1) return cfg;
+  const int threads =
+      std::min(limits.max_threads, bn_kernels::slab_block_threads(by_smem, per_task * (S / vec), depth));
+  const bn_kernels::SlabPlan p = bn_kernels::make_slab_plan(N, C, S, T, vec, threads);
+  if (!p.fits) return cfg;
+  const int blocks = slab_blocks_per_sm(kernel, threads, smem, device);
+  if (blocks < 1) return cfg;
+  if (mode == SlabMode::kAuto && (T * C < kSlabMinUnitsPerSM * sm_count(device) || blocks < kSlabMinBlocksPerSM ||
+                                  S * element_size < kSlabMinPlaneBytes))
+    return cfg;
+  cfg.use = true;
+  cfg.plan = p;
+  cfg.smem = smem;
+  cfg.blocks_per_sm = blocks;
+  return cfg;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_forward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
@@ -211,6 +333,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
     with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {xp, yp}), [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 1>();
+      if (training) {
+        constexpr int US = bn_kernels::slab_depth<scalar_t, VEC, 1>();
+        const auto kernel = bn_kernels::slab_forward_kernel<scalar_t, acc_t, VEC, US>;
+        const SlabConfig slab = slab_config(reinterpret_cast<const void*>(kernel), N, C, S, T, interleaved, tasks,
+                                            VEC, US, sizeof(scalar_t), 1, device);
+        if (slab.use) {
+          kernel<<<slab.plan.units, slab.plan.threads, slab.smem, stream>>>(
+              xp, yp, slab.plan, eps, data_or_null<acc_t>(gate), data_or_null<acc_t>(shift), relu,
+              mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), count.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
       if (training) {
         // Partial means in double: pivot + shifted mean keeps |mean| >> std exact through the merge.
@@ -288,8 +423,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
   } else {
     s1 = at::empty({T, C}, x.options().dtype(at::kDouble));
     s2 = at::empty_like(s1);
-    const at::Tensor coef_dy = at::empty({T, C}, acc_options);
-    const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -298,6 +431,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
       with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {xp, gp, dxp}), [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 2>();
+        {
+          constexpr int US = bn_kernels::slab_depth<scalar_t, VEC, 2>();
+          const auto kernel = bn_kernels::slab_backward_kernel<scalar_t, acc_t, VEC, US>;
+          const SlabConfig slab = slab_config(reinterpret_cast<const void*>(kernel), N, C, S, T, interleaved, tasks,
+                                              VEC, US, sizeof(scalar_t), 2, device);
+          if (slab.use) {
+            kernel<<<slab.plan.units, slab.plan.threads, slab.smem, stream>>>(
+                xp, gp, dxp, slab.plan, mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+                data_or_null<acc_t>(shift), data_or_null<acc_t>(gate), invstd.const_data_ptr<acc_t>(), relu, training,
+                s1.data_ptr<double>(), s2.data_ptr<double>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+        }
+        const at::Tensor coef_dy = at::empty({T, C}, acc_options);
+        const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
         const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
         const at::Tensor part_s1 = at::empty({p.slots, C}, acc_options);
         const at::Tensor part_s2 = at::empty_like(part_s1);
@@ -351,7 +500,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
   return {dx, dweight, dbias};
 }
 
+// Which path ts_bn_forward (backward=false: the training forward) or ts_bn_backward takes for x under the
+// current TSBN_CUDA_SLAB: "slab:<threads>x<resident blocks per SM>", "split" or "interleaved". The pack width
+// is chosen from x alone (the outputs, and dy when it is dense, are fresh 16-byte aligned allocations). For
+// tests and benchmarks.
+std::string ts_bn_cuda_path(const at::Tensor& x_in, const c10::optional<at::Tensor>& task_ids, int64_t num_tasks,
+                            bool backward) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "ts_bn_cuda_path: x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_bn_cuda_path: expected a 2D to 5D input, got ",
+                    x_in.dim(), "D");
+  TORCH_CHECK_VALUE(num_tasks >= 1, "ts_bn_cuda_path: num_tasks must be >= 1");
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_bn_cuda_path: input must be floating point");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
+  const bool interleaved = is_interleaved(x_in);
+  if (interleaved) return "interleaved";
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
+  const Tasks tasks = task_map(task_ids, N, num_tasks, x);
+  std::string path = "split";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_cuda_path", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_vec<scalar_t>(pick_vec<scalar_t>(false, C, S, {x.const_data_ptr<scalar_t>()}), [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr int U1 = bn_kernels::slab_depth<scalar_t, VEC, 1>(), U2 = bn_kernels::slab_depth<scalar_t, VEC, 2>();
+      const void* kernel = backward
+                               ? reinterpret_cast<const void*>(bn_kernels::slab_backward_kernel<scalar_t, acc_t, VEC, U2>)
+                               : reinterpret_cast<const void*>(bn_kernels::slab_forward_kernel<scalar_t, acc_t, VEC, U1>);
+      const SlabConfig slab = slab_config(kernel, N, C, S, num_tasks, false, tasks, VEC, backward ? U2 : U1,
+                                          sizeof(scalar_t), backward ? 2 : 1, device);
+      if (slab.use) path = "slab:" + std::to_string(slab.plan.threads) + "x" + std::to_string(slab.blocks_per_sm);
+    });
+  });
+  return path;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tsbn, m) {
+  m.def("ts_bn_cuda_path(Tensor x, Tensor? task_ids, int num_tasks, bool backward) -> str", &ts_bn_cuda_path);
+}
 
 TORCH_LIBRARY_IMPL(tsbn, CUDA, m) {
   m.impl("ts_bn_forward", &ts_bn_forward_cuda);

@@ -34,6 +34,10 @@
 //
 // Traversal order. The statistics passes visit units in increasing memory order (grid stride), the apply
 // passes in decreasing order, so the units the statistics pass read last (still in L2) are applied first.
+//
+// The slab kernels at the end of this file are the other path for planar inputs of the replicated batch:
+// one block per (task, channel) with the whole unit in shared memory, 2 passes over memory forward and 3
+// backward instead of 3 and 5 (the host picks the path: ts_batch_norm_cuda.cu, slab_config).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -41,6 +45,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace tsbn {
 namespace bn_kernels {
@@ -1014,6 +1019,348 @@ __global__ void __launch_bounds__(kMergeThreads)
   coef_dy[k] = static_cast<acc_t>(ar);
   coef_d[k] = training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0);
   coef_0[k] = training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Slab path: planar input, replicated batch (sample n in task n / per_task), one (task, channel) slab on chip.
+//
+// A unit is one (task t, channel c): the per_task planes (n, c), n in [t·per_task, (t+1)·per_task), of S
+// contiguous values each, planes C·S values apart. One block owns a unit: it loads the slab into dynamic
+// shared memory (packs of VEC elements, 16 bytes where aligned; pack q of the slab is pack q % SV of plane
+// q / SV and lives at slab[q]), computes the exact statistics or gradient sums of the unit from shared memory
+// and writes y or dx from it. Forward: x read once and y written once (2 passes over memory); backward: x and
+// dy read once and dx written once (3 passes): the ideal of DESIGN.md §4, with no partial rows and no merge
+// kernel. Thread i visits the packs q = i, i + threads, ... in that order in every pass; its position (q,
+// offset in memory) advances without a division (the plan holds threads = step_j·SV + step_r).
+//
+// Numerics. Forward: a true two-pass over the slab, shifted by a pivot (the slab's first value, so that the
+// fp32 sums stay at the scale of the spread even when |mean| >> std): pass 1 (during the load) Σ(x − pivot)
+// gives the shifted mean mb; pass 2 (over shared memory) M2 = Σ((x − pivot) − mb)²; mean = pivot + mb in
+// double. Per-thread sums are in acc_t, combined by a fixed butterfly within each warp and in double across
+// the warps in a fixed order (block_sum), so a unit's result depends on the shape and the block size only,
+// never on the grid or the schedule. mean, invstd, scale = gate·invstd are rounded exactly as
+// merge_moments_kernel rounds them, and y = fma(x − mean, scale, shift), so the backward's relu mask (from the
+// saved mean and invstd) matches the forward's y. Backward: s1 = Σdy', s2 = Σdy'·(x − mean) during the load
+// (the masked dy' is what goes to shared memory), the dx coefficients as in merge_sums_kernel.
+//
+// Shared memory and barriers. Every pass of a thread visits the same packs q, so each slot of the slab is
+// written and read by one thread only: the slab needs no barrier, and a thread goes on to the next unit's loads
+// while others still store y. Only the reductions synchronise, one barrier each (block_sum), and they alternate
+// between buffers so that no barrier is needed after the reading: forward, red[0] (mean) and red[1] (M2) each
+// written after the barrier that follows every thread's last read of it (red[1] of the last unit is read before
+// the next unit's first barrier; red[0] before this unit's second); backward, one reduction per unit, in
+// red[unit parity]. Forward 2 barriers per unit, backward 1.
+
+constexpr int kSlabMaxThreads = 1024;
+constexpr int kSlabMaxWarps = kSlabMaxThreads / 32;
+// Packs in flight per thread and input in the slab kernels: the split kernels' tile depth, halved for 2-byte
+// types in 4- and 8-byte packs (bf16 spilled a few registers there under the 64-register bound of 1024-thread
+// blocks with ptxas of CUDA 13 for sm_90).
+template <typename scalar_t, int VEC, int inputs>
+constexpr int slab_depth() {
+  return sizeof(scalar_t) == 2 && (VEC == 2 || VEC == 4) ? tile_depth<scalar_t, VEC, inputs>() / 2
+                                                         : tile_depth<scalar_t, VEC, inputs>();
+}
+constexpr int kSlabMinThreads = 64;
+// Threads per SM the block size aims at: with U packs of 16 bytes in flight per thread that is 64 KiB of
+// loads in flight per SM, about twice what the memory latency needs at the fair share of the bandwidth.
+constexpr int kSlabThreadsPerSM = 1024;
+
+struct SlabPlan {
+  int T = 0, C = 0;
+  int per_task = 1;     // samples per task, N / T
+  int SV = 1;           // packs per plane, S / VEC
+  int PS = 0;           // packs between two planes of one channel, C · SV
+  int packs = 0;        // packs per slab, per_task · SV
+  int threads = 0;      // block size, a multiple of 32 in [kSlabMinThreads, kSlabMaxThreads]
+  int step_j = 0;       // threads / SV
+  int step_r = 0;       // threads % SV
+  int step_off = 0;     // step_j · PS + step_r: packs in memory between a thread's consecutive packs
+  int units = 0;        // T · C
+  bool fits = false;    // every count above fits its field
+};
+
+// Block size for a slab kernel of which `resident` blocks fit an SM by their shared memory: about
+// kSlabThreadsPerSM threads per SM, a power of two, no more than one tile of `depth` packs per thread needs.
+inline int slab_block_threads(int64_t resident, int64_t packs, int depth) {
+  const int64_t per_block = std::max<int64_t>(1, kSlabThreadsPerSM / std::max<int64_t>(1, resident));
+  int threads = floor_pow2(per_block);
+  threads = std::min(threads, ceil_pow2(std::max<int64_t>(1, ceil_div(packs, depth))));
+  return std::max(kSlabMinThreads, std::min(kSlabMaxThreads, threads));
+}
+
+// The slab plan of an [N, C, S] planar input with T tasks of N / T samples (N % T == 0), packs of `vec`
+// elements (vec divides S) and blocks of `threads`.
+inline SlabPlan make_slab_plan(int64_t N, int64_t C, int64_t S, int64_t T, int vec, int threads) {
+  constexpr int64_t kIntMax = 0x7fffffff;
+  SlabPlan p;
+  const int64_t per_task = T > 0 ? N / T : 0, SV = S / vec;
+  const int64_t packs = per_task * SV;
+  // Offsets within a unit are 32-bit (fewer registers): a thread's offset stays below (per_task + step_j) · PS
+  // + SV, also after its last step past the unit, and must fit (about 2^31 packs per task; larger inputs take
+  // the split path). The unit's origin is 64-bit. Pack indices in the slab stay below packs + 16 · threads.
+  p.fits = T >= 1 && N % T == 0 && per_task >= 1 && SV >= 1 && S % vec == 0 && T * C <= kIntMax &&
+           packs <= kIntMax / 2 && threads % 32 == 0 && threads >= 32 && threads <= kSlabMaxThreads &&
+           C <= kIntMax / SV && per_task + threads / SV <= (kIntMax - SV) / (C * SV);
+  if (!p.fits) return p;
+  p.T = static_cast<int>(T);
+  p.C = static_cast<int>(C);
+  p.per_task = static_cast<int>(per_task);
+  p.SV = static_cast<int>(SV);
+  p.PS = static_cast<int>(C * SV);
+  p.packs = static_cast<int>(packs);
+  p.threads = threads;
+  p.step_j = static_cast<int>(threads / SV);
+  p.step_r = static_cast<int>(threads % SV);
+  p.step_off = p.step_j * p.PS + p.step_r;
+  p.units = static_cast<int>(T * C);
+  return p;
+}
+
+// First pack of unit (t, c) in memory: plane (t · per_task, c).
+__host__ __device__ __forceinline__ int64_t slab_origin(const SlabPlan& p, int t, int c) {
+  return (static_cast<int64_t>(t) * p.per_task * p.C + c) * p.SV;
+}
+
+// A thread's position in the slab: pack q (its index in shared memory), pack pos of its plane, and off, its
+// distance in packs from the slab's origin in memory (< 2^31, see make_slab_plan).
+struct SlabCursor {
+  int q, pos, off;
+};
+
+__device__ __forceinline__ SlabCursor slab_cursor(const SlabPlan& p, int tid) {
+  const int j = tid / p.SV;
+  SlabCursor cu;
+  cu.q = tid;
+  cu.pos = tid - j * p.SV;
+  cu.off = j * p.PS + cu.pos;
+  return cu;
+}
+
+// To pack q + threads.
+__device__ __forceinline__ void slab_advance(SlabCursor& cu, const SlabPlan& p) {
+  cu.q += p.threads;
+  cu.pos += p.step_r;
+  cu.off += p.step_off;
+  if (cu.pos >= p.SV) {
+    cu.pos -= p.SV;
+    cu.off += p.PS - p.SV;
+  }
+}
+
+// The block's dynamic shared memory (16-byte aligned). The host simulator (tests/cuda_sim) supplies its own.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef TSBN_DYNAMIC_SMEM
+  return TSBN_DYNAMIC_SMEM();
+#else
+  extern __shared__ __align__(16) unsigned char tsbn_dynamic_smem[];
+  return tsbn_dynamic_smem;
+#endif
+}
+
+// Sum over the 32 lanes, the same bits in every lane: at each level the two operands of a lane and of its
+// partner are the same pair, and IEEE addition is commutative.
+template <typename T>
+__device__ __forceinline__ T warp_allsum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Σ v over the block's `warps` warps, in double, the same bits in every thread: a fixed butterfly in acc_t
+// within each warp, the warp sums through buf[warp], a fixed butterfly over them in double. One barrier: the
+// caller must not write buf again until every thread has passed a later barrier.
+template <typename acc_t>
+__device__ __forceinline__ double block_sum(acc_t v, double* buf, int warps) {
+  v = warp_allsum(v);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) buf[warp] = static_cast<double>(v);
+  __syncthreads();
+  return warp_allsum(lane < warps ? buf[lane] : 0.0);
+}
+
+// Two sums at once (buf holds 2 · kSlabMaxWarps values); the same rules.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum2(acc_t a, acc_t b, double* buf, int warps, double& sa, double& sb) {
+  a = warp_allsum(a);
+  b = warp_allsum(b);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) {
+    buf[warp] = static_cast<double>(a);
+    buf[kSlabMaxWarps + warp] = static_cast<double>(b);
+  }
+  __syncthreads();
+  sa = warp_allsum(lane < warps ? buf[lane] : 0.0);
+  sb = warp_allsum(lane < warps ? buf[kSlabMaxWarps + lane] : 0.0);
+}
+
+// Training forward of whole units: statistics (mean, biased var, invstd per unit; count per task) and y.
+// Dynamic shared memory: packs · sizeof(Pack<scalar_t, VEC>) bytes. Launch with p.threads threads; any grid
+// (units are taken in grid stride, each by one block).
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void __launch_bounds__(kSlabMaxThreads)
+    slab_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const SlabPlan p, double eps,
+                        const acc_t* __restrict__ gate, const acc_t* __restrict__ shift, bool relu,
+                        acc_t* __restrict__ mean, acc_t* __restrict__ var, acc_t* __restrict__ invstd,
+                        acc_t* __restrict__ count) {
+  using P = Pack<scalar_t, VEC>;
+  __shared__ double red[2][kSlabMaxWarps];
+  P* const slab = reinterpret_cast<P*>(dynamic_smem());
+  const int tid = static_cast<int>(threadIdx.x), warps = p.threads >> 5;
+  const SlabCursor start = slab_cursor(p, tid);
+  const double m = static_cast<double>(p.packs) * VEC;  // values per unit
+  for (int u = static_cast<int>(blockIdx.x); u < p.units; u += static_cast<int>(gridDim.x)) {
+    const int t = u / p.C, c = u - t * p.C;  // u = t · C + c, the unit's index in [T, C] tables
+    const int64_t origin = slab_origin(p, t, c) * VEC;
+    const scalar_t* const xs = x + origin;
+    scalar_t* const ys = y + origin;
+    const acc_t pivot = static_cast<acc_t>(xs[0]);
+    // Pass 1: load the slab (U packs in flight per thread) and sum it, shifted by the pivot.
+    acc_t sum = 0;
+    for (SlabCursor cu = start; cu.q < p.packs;) {
+      P pk[U];
+      bool ok[U];
+      const int q0 = cu.q;
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        ok[i] = cu.q < p.packs;
+        if (ok[i]) pk[i] = load_pack<VEC>(xs, cu.off);
+        slab_advance(cu, p);
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (!ok[i]) continue;
+        slab[q0 + i * p.threads] = pk[i];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sum += static_cast<acc_t>(pk[i].v[e]) - pivot;
+      }
+    }
+    const double mb_d = block_sum(sum, red[0], warps) / m;
+    const acc_t mb = static_cast<acc_t>(mb_d);
+    // Pass 2, over shared memory: M2 around the shifted mean.
+    acc_t sq = 0;
+#pragma unroll 4
+    for (int q = tid; q < p.packs; q += p.threads) {
+      const P v = slab[q];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const acc_t d = (static_cast<acc_t>(v.v[e]) - pivot) - mb;
+        sq += d * d;
+      }
+    }
+    const double var_d = block_sum(sq, red[1], warps) / m;
+    const acc_t r = static_cast<acc_t>(1.0 / sqrt(var_d + eps));
+    const acc_t mu = static_cast<acc_t>(static_cast<double>(pivot) + mb_d);
+    const acc_t sc = gate != nullptr ? gate[u] * r : r;
+    const acc_t sh = shift != nullptr ? shift[u] : acc_t(0);
+    if (tid == 0) {
+      mean[u] = mu;
+      var[u] = static_cast<acc_t>(var_d);
+      invstd[u] = r;
+      if (c == 0) count[t] = static_cast<acc_t>(m);
+    }
+    // Pass 3: y from shared memory.
+    for (SlabCursor cu = start; cu.q < p.packs;) {
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (cu.q < p.packs) {
+          const P v = slab[cu.q];
+          P out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            out.v[e] = static_cast<scalar_t>(relu_if(affine(static_cast<acc_t>(v.v[e]) - mu, sc, sh), relu));
+          store_pack<VEC>(ys, cu.off, out);
+        }
+        slab_advance(cu, p);
+      }
+    }
+  }
+}
+
+// Backward of whole units: s1 = Σdy', s2 = Σdy'·(x − mean) (double, [T, C]) and dx = coef_dy·dy' +
+// coef_d·(x − mean) + coef_0 with the coefficients of merge_sums_kernel (coef_d = coef_0 = 0 in eval); dy' is
+// dy masked by the relu recomputed from x. Dynamic shared memory: 2 · packs · sizeof(Pack<scalar_t, VEC>)
+// bytes (x, then dy').
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void __launch_bounds__(kSlabMaxThreads)
+    slab_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ dx,
+                         const SlabPlan p, const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                         const acc_t* __restrict__ shift, const acc_t* __restrict__ gate,
+                         const acc_t* __restrict__ invstd, bool relu, bool training, double* __restrict__ s1_out,
+                         double* __restrict__ s2_out) {
+  using P = Pack<scalar_t, VEC>;
+  __shared__ double red[2][2 * kSlabMaxWarps];
+  P* const sx = reinterpret_cast<P*>(dynamic_smem());
+  P* const sg = sx + p.packs;
+  const int tid = static_cast<int>(threadIdx.x), warps = p.threads >> 5;
+  const SlabCursor start = slab_cursor(p, tid);
+  const double m = static_cast<double>(p.packs) * VEC;
+  for (int u = static_cast<int>(blockIdx.x); u < p.units; u += static_cast<int>(gridDim.x)) {
+    const int t = u / p.C, c = u - t * p.C;
+    const int64_t origin = slab_origin(p, t, c) * VEC;
+    const scalar_t* const xs = x + origin;
+    const scalar_t* const gs = dy + origin;
+    scalar_t* const ds = dx + origin;
+    const acc_t mu = mean[u], sc = scale[u], sh = shift != nullptr ? shift[u] : acc_t(0);
+    acc_t s1 = 0, s2 = 0;
+    for (SlabCursor cu = start; cu.q < p.packs;) {
+      P px[U], pg[U];
+      bool ok[U];
+      const int q0 = cu.q;
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        ok[i] = cu.q < p.packs;
+        if (ok[i]) {
+          px[i] = load_pack<VEC>(xs, cu.off);
+          pg[i] = load_pack<VEC>(gs, cu.off);
+        }
+        slab_advance(cu, p);
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (!ok[i]) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const acc_t d = static_cast<acc_t>(px[i].v[e]) - mu;
+          const bool off = relu && !(affine(d, sc, sh) > acc_t(0));
+          if (off) pg[i].v[e] = scalar_t(0);
+          const acc_t g = off ? acc_t(0) : static_cast<acc_t>(pg[i].v[e]);
+          s1 += g;
+          s2 += g * d;
+        }
+        sx[q0 + i * p.threads] = px[i];
+        sg[q0 + i * p.threads] = pg[i];
+      }
+    }
+    double t1, t2;
+    block_sum2(s1, s2, red[(u / static_cast<int>(gridDim.x)) & 1], warps, t1, t2);
+    const double r = static_cast<double>(invstd[u]);
+    const double ar = (gate != nullptr ? static_cast<double>(gate[u]) : 1.0) * r;
+    const acc_t a = static_cast<acc_t>(ar);
+    const acc_t b = training ? static_cast<acc_t>(-ar * r * (t2 * r) / m) : acc_t(0);
+    const acc_t z = training ? static_cast<acc_t>(-ar * t1 / m) : acc_t(0);
+    if (tid == 0) {
+      s1_out[u] = t1;
+      s2_out[u] = t2;
+    }
+    for (SlabCursor cu = start; cu.q < p.packs;) {
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (cu.q < p.packs) {
+          const P vx = sx[cu.q], vg = sg[cu.q];
+          P out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = static_cast<acc_t>(vx.v[e]) - mu;
+            out.v[e] = static_cast<scalar_t>(a * static_cast<acc_t>(vg.v[e]) + b * d + z);
+          }
+          store_pack<VEC>(ds, cu.off, out);
+        }
+        slab_advance(cu, p);
+      }
+    }
+  }
 }
 
 }  // namespace bn_kernels

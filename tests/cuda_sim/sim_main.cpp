@@ -3,6 +3,9 @@
 //   - every output element is written (outputs start as NaN) and matches the reference,
 //   - every partial-count slot is written, the counts of each task add up to N_t · S,
 //   - results are bitwise equal for different grid sizes (determinism does not depend on the grid).
+// Slab cases (Case::slab) run the slab kernels instead of the split passes (training forward: slab_forward;
+// backward: slab_backward; the eval forward stays the apply pass) with the block size the host rule picks on an
+// H100 (slab_threads = 0) or a given one, optionally on a sample of the channels only.
 // The host orchestration below mirrors csrc/cuda/ts_batch_norm_cuda.cu (plan, launches, [T, C] steps).
 // Build: g++ -std=c++20 -O1 -U_FORTIFY_SOURCE -I<torch>/include -I csrc tests/cuda_sim/sim_main.cpp -o sim
 // (tests/test_cuda_kernel_sim.py does this).
@@ -85,7 +88,19 @@ struct Case {
   double eps = 1e-5, offset = 2.0;
   int sms = 4;
   int shift = 0;  // element offset of the input buffers (misaligned packs)
+  bool slab = false;        // the slab kernels (planar, replicated batch only)
+  int slab_threads = 0;     // their block size; 0: what the host picks on an H100 (slab_threads_h100)
+  std::vector<int> sample;  // slab: run and check these channels only (must hold channel 0); empty: all
 };
+
+// The host's block size (slab_config in ts_batch_norm_cuda.cu) on an H100-like device: 228 KiB of shared
+// memory per SM, 1 KiB reserved per block, the kernels' 512 bytes of static shared memory, 64 registers per
+// thread (their __launch_bounds__(1024)), at most 32 blocks per SM.
+int slab_threads_h100(int64_t smem, int64_t packs, int depth) {
+  const int64_t by_smem = 233472 / (smem + 1024 + 512);
+  const int64_t by_regs = 65536 / (64 * kSlabMinThreads);
+  return slab_block_threads(std::min<int64_t>({by_smem, by_regs, 32}), packs, depth);
+}
 
 int task_of(const Case& cs, int n) { return cs.ids.empty() ? n / (cs.N / cs.T) : cs.ids[n]; }
 
@@ -111,7 +126,8 @@ bool bitwise_equal(const std::vector<double>& a, const std::vector<double>& b) {
 template <typename scalar_t, int VEC>
 Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scalar_t>& dy,
                     const std::vector<double>& weight, const std::vector<double>& bias,
-                    const std::vector<double>& rmean, const std::vector<double>& rvar, int resident) {
+                    const std::vector<double>& rmean, const std::vector<double>& rvar, int resident,
+                    bool reverse = false) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int N = cs.N, C = cs.C, T = cs.T;
   const int64_t S = cs.S, M = static_cast<int64_t>(N) * C * S;
@@ -136,7 +152,31 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
   const Plan p1 = make_plan(N, C, S, cs.interleaved, VEC, U1, 8 * cs.sms, ids, per_task);
   EXPECT(p1.fits, "plan does not fit");
   const int grid1 = std::max(1, std::min(p1.units, resident));
-  if (cs.training) {
+  // Slab kernels: the units to run (sampled: units (t, c) of the sampled channels, one block each).
+  std::vector<int> units;
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < C; ++c)
+      if (cs.sample.empty() || std::find(cs.sample.begin(), cs.sample.end(), c) != cs.sample.end())
+        units.push_back(t * C + c);
+  if (reverse) std::reverse(units.begin(), units.end());
+  const std::vector<int>* only = cs.sample.empty() ? nullptr : &units;
+  Buffer<scalar_t> y(M, cs.shift);
+  for (int64_t i = 0; i < M; ++i) y[i] = static_cast<scalar_t>(NAN);
+  using Pk = Pack<scalar_t, VEC>;
+  if (cs.slab && cs.training) {
+    constexpr int US = slab_depth<scalar_t, VEC, 1>();
+    const int64_t packs = static_cast<int64_t>(N / T) * (S / VEC);
+    const int64_t smem = packs * static_cast<int64_t>(sizeof(Pk));
+    const int threads = cs.slab_threads > 0 ? cs.slab_threads : slab_threads_h100(smem, packs, US);
+    const SlabPlan sp = make_slab_plan(N, C, S, T, VEC, threads);
+    EXPECT(sp.fits && sp.units == T * C && sp.packs == packs, "slab plan does not fit");
+    const int grid = only != nullptr ? sp.units : std::max(1, std::min(sp.units, resident));
+    sim::launch(grid, sp.threads, [&] {
+      slab_forward_kernel<scalar_t, acc_t, VEC, US>(x.data, y.data, sp, cs.eps, gate_p, shift_p, cs.relu, mean.data(),
+                                                    var.data(), invstd.data(), count.data());
+    }, static_cast<size_t>(smem), only);
+    for (int k = 0; k < T * C; ++k) scale[k] = gate_p ? gate[k] * invstd[k] : invstd[k];  // the host's ATen step
+  } else if (cs.training) {
     std::vector<double> part_mean(static_cast<size_t>(p1.slots) * C, NAN);
     std::vector<acc_t> part_m2(part_mean.size(), NAN);
     std::vector<int64_t> part_count(p1.slots, -7);
@@ -174,9 +214,7 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
     }
     for (int t = 0; t < T; ++t) count[t] = 0;
   }
-  Buffer<scalar_t> y(M, cs.shift);
-  for (int64_t i = 0; i < M; ++i) y[i] = static_cast<scalar_t>(NAN);
-  sim::launch(grid1, kThreads, [&] {
+  if (!(cs.slab && cs.training)) sim::launch(grid1, kThreads, [&] {
     if (cs.interleaved)
       apply_interleaved_kernel<scalar_t, acc_t, VEC, U1>(x.data, y.data, p1, mean.data(), scale.data(), shift_p,
                                                          cs.relu);
@@ -185,6 +223,23 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
   });
 
   // ---- backward (saved statistics: mean, invstd)
+  std::vector<double> s1(T * C, NAN), s2(T * C, NAN);
+  Buffer<scalar_t> dx(M, cs.shift);
+  for (int64_t i = 0; i < M; ++i) dx[i] = static_cast<scalar_t>(NAN);
+  if (cs.slab) {
+    constexpr int US = slab_depth<scalar_t, VEC, 2>();
+    const int64_t packs = static_cast<int64_t>(N / T) * (S / VEC);
+    const int64_t smem = 2 * packs * static_cast<int64_t>(sizeof(Pk));
+    const int threads = cs.slab_threads > 0 ? cs.slab_threads : slab_threads_h100(smem, packs, US);
+    const SlabPlan sp = make_slab_plan(N, C, S, T, VEC, threads);
+    EXPECT(sp.fits, "slab plan does not fit");
+    const int grid = only != nullptr ? sp.units : std::max(1, std::min(sp.units, resident));
+    sim::launch(grid, sp.threads, [&] {
+      slab_backward_kernel<scalar_t, acc_t, VEC, US>(x.data, dy.data, dx.data, sp, mean.data(), scale.data(), shift_p,
+                                                     gate_p, invstd.data(), cs.relu, cs.training, s1.data(),
+                                                     s2.data());
+    }, static_cast<size_t>(smem), only);
+  } else {
   constexpr int U2 = tile_depth<scalar_t, VEC, 2>();
   const Plan p2 = make_plan(N, C, S, cs.interleaved, VEC, U2, 8 * cs.sms, ids, per_task);
   const int grid2 = std::max(1, std::min(p2.units, resident));
@@ -200,14 +255,11 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
                                                         cs.relu, part_s1.data(), part_s2.data(), part_count.data());
   });
   for (int s = 0; s < p2.slots; ++s) EXPECT(part_count[s] >= 0, "backward slot %d count never written", s);
-  std::vector<double> s1(T * C, NAN), s2(T * C, NAN);
   std::vector<acc_t> coef_dy(T * C, NAN), coef_d(T * C, NAN), coef_0(T * C, NAN);
   sim::launch(merge_blocks, kMergeThreads, [&] {
     merge_sums_kernel<acc_t>(part_s1.data(), part_s2.data(), part_count.data(), p2, groups, gate_p, invstd.data(),
                              cs.training, s1.data(), s2.data(), coef_dy.data(), coef_d.data(), coef_0.data());
   });
-  Buffer<scalar_t> dx(M, cs.shift);
-  for (int64_t i = 0; i < M; ++i) dx[i] = static_cast<scalar_t>(NAN);
   sim::launch(grid2, kThreads, [&] {
     if (cs.interleaved)
       grad_input_interleaved_kernel<scalar_t, acc_t, VEC, U2>(x.data, dy.data, dx.data, p2, mean.data(), scale.data(),
@@ -218,6 +270,7 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
                                                          shift_p, coef_dy.data(), coef_d.data(), coef_0.data(),
                                                          cs.relu);
   });
+  }
   out.y.resize(M);
   out.dx.resize(M);
   for (int64_t i = 0; i < M; ++i) {
@@ -362,6 +415,31 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool all_vecs) {
   }
   for (int t = 0; t < T; ++t) ref.count.push_back(cs.training ? m[t] : 0.0);
 
+  // A sampled slab case runs and checks the sampled channels only.
+  std::vector<char> kept(C, cs.sample.empty() ? 1 : 0);
+  for (int c : cs.sample) kept[c] = 1;
+  const auto keep = [&](const std::vector<double>& v, bool per_element) {
+    if (cs.sample.empty()) return v;
+    std::vector<double> out;
+    for (size_t i = 0; i < v.size(); ++i) {
+      const int c = per_element ? static_cast<int>(cs.interleaved ? i % C : (i / S) % C) : static_cast<int>(i % C);
+      if (kept[c]) out.push_back(v[i]);
+    }
+    return out;
+  };
+  const auto sampled = [&](const Outputs& o) {
+    Outputs f = o;
+    f.y = keep(o.y, true);
+    f.dx = keep(o.dx, true);
+    f.mean = keep(o.mean, false);
+    f.var = keep(o.var, false);
+    f.dweight = keep(o.dweight, false);
+    f.dbias = keep(o.dbias, false);
+    return f;
+  };
+  ref = sampled(ref);
+  dx_terms = keep(dx_terms, true);
+
   const int64_t extent = cs.interleaved ? C : S;
   const auto aligned = [&](int vec) { return extent % vec == 0 && cs.shift % vec == 0; };
   std::vector<int> vecs;
@@ -375,11 +453,11 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool all_vecs) {
   for (int vec : vecs) {
     const std::string base = case_name;
     case_name = base + " vec=" + std::to_string(vec);
-    const auto run = [&](int resident) {
+    const auto run = [&](int resident, bool reverse) {
       Outputs o;
       const auto go = [&](auto vc) {
         constexpr int V = decltype(vc)::value;
-        o = run_kernels<scalar_t, V>(cs, x, dy, weight, bias, rmean, rvar, resident);
+        o = sampled(run_kernels<scalar_t, V>(cs, x, dy, weight, bias, rmean, rvar, resident, reverse));
       };
       if constexpr (sizeof(scalar_t) <= 2)
         if (vec == 8) return go(std::integral_constant<int, 8>()), o;
@@ -389,7 +467,7 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool all_vecs) {
       go(std::integral_constant<int, 1>());
       return o;
     };
-    const Outputs got = run(1 << 20);
+    const Outputs got = run(1 << 20, false);
     compare("y", got.y, ref.y, tol);
     compare("dx", got.dx, ref.dx, tol, dx_terms);
     compare("dweight", got.dweight, ref.dweight, tol);
@@ -399,11 +477,23 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool all_vecs) {
     compare("var", got.var, ref.var, stat_tol);
     for (int t = 0; t < T; ++t)
       EXPECT(got.count[t] == ref.count[t], "count[%d] %g want %g", t, got.count[t], ref.count[t]);
-    const Outputs again = run(2);  // another grid: the same bits
-    EXPECT(bitwise_equal(got.y, again.y) && bitwise_equal(got.dx, again.dx) && bitwise_equal(got.mean, again.mean) &&
-               bitwise_equal(got.var, again.var) && bitwise_equal(got.dweight, again.dweight) &&
-               bitwise_equal(got.dbias, again.dbias),
-           "results depend on the grid size");
+    // Another grid (grid stride over the units) and another thread schedule (one warp runs ahead as far as the
+    // barriers allow): the same bits. A sampled case runs one block per sampled unit, so it takes them in
+    // reverse order instead. Slab cases also run with the highest-numbered warp ahead.
+    const auto same = [&](const Outputs& again, const char* what) {
+      EXPECT(bitwise_equal(got.y, again.y) && bitwise_equal(got.dx, again.dx) &&
+                 bitwise_equal(got.mean, again.mean) && bitwise_equal(got.var, again.var) &&
+                 bitwise_equal(got.dweight, again.dweight) && bitwise_equal(got.dbias, again.dbias) &&
+                 bitwise_equal(got.count, again.count),
+             "results depend on %s", what);
+    };
+    sim::schedule() = sim::Schedule::kLowestFirst;
+    same(cs.sample.empty() ? run(2, false) : run(1 << 20, true), "the grid size, block order or schedule");
+    if (cs.slab) {
+      sim::schedule() = sim::Schedule::kHighestFirst;
+      same(cs.sample.empty() ? run(3, false) : run(1 << 20, false), "the thread schedule");
+    }
+    sim::schedule() = sim::Schedule::kRoundRobin;
     case_name = base;
   }
 }
@@ -411,10 +501,15 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool all_vecs) {
 template <typename scalar_t>
 void run_named(Case cs, std::mt19937_64& rng, bool all_vecs) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s N=%d C=%d S=%lld %s T=%d ids=%s train=%d relu=%d sig=%d w=%d b=%d sms=%d shift=%d",
+  char path[64] = "";
+  if (cs.slab)
+    std::snprintf(path, sizeof path, " slab threads=%d%s", cs.slab_threads,
+                  cs.sample.empty() ? "" : (" sample=" + std::to_string(cs.sample.size())).c_str());
+  std::snprintf(buf, sizeof buf,
+                "%s N=%d C=%d S=%lld %s T=%d ids=%s train=%d relu=%d sig=%d w=%d b=%d sms=%d shift=%d off=%g%s",
                 type_name<scalar_t>(), cs.N, cs.C, (long long)cs.S, cs.interleaved ? "NHWC" : "NCHW", cs.T,
                 cs.ids.empty() ? "none" : "given", cs.training, cs.relu, cs.sigmoid, cs.weight, cs.bias, cs.sms,
-                cs.shift);
+                cs.shift, cs.offset, path);
   if (const char* only = std::getenv("SIM_FILTER"); only && !std::strstr(buf, only)) return;
   case_name = buf;
   const int before = failures;
@@ -434,6 +529,35 @@ std::vector<int32_t> ragged_ids(int N, int T, std::mt19937_64& rng, int kind) {
     }
   }
   return ids;
+}
+
+// The pure host-side rules of the slab path: plan limits and the block sizes of the target shapes.
+void slab_rules() {
+  case_name = "slab plan rules";
+  const int before = failures;
+  // NYUv2 layers 2-4 (N_t = 8, S = 1728): fp32 forward 55 KiB -> 4 blocks of 256 threads per SM; backward
+  // 110 KiB -> 2 of 512; bf16 forward 27 KiB -> 8 of 128. Cityscapes fp32 forward (N_t = 64, S = 512, 128 KiB)
+  // -> 1 of 1024. CelebA fp32 (N_t = 8, S = 256, 8 KiB) -> 64 threads (16 blocks by the register bound).
+  EXPECT(slab_threads_h100(8 * 1728 * 4, 8 * 1728 / 4, 4) == 256, "NYUv2 fp32 forward");
+  EXPECT(slab_threads_h100(2 * 8 * 1728 * 4, 8 * 1728 / 4, 2) == 512, "NYUv2 fp32 backward");
+  EXPECT(slab_threads_h100(8 * 1728 * 2, 8 * 1728 / 8, 4) == 128, "NYUv2 bf16 forward");
+  EXPECT(slab_threads_h100(64 * 512 * 4, 64 * 512 / 4, 4) == 1024, "Cityscapes fp32 forward");
+  EXPECT(slab_threads_h100(8 * 256 * 4, 8 * 256 / 4, 4) == 64, "CelebA fp32 forward");
+  // A tiny slab: no more threads than one tile per thread needs, but at least kSlabMinThreads.
+  EXPECT(slab_block_threads(1, 3, 16) == kSlabMinThreads, "tiny slab");
+  const SlabPlan ok = make_slab_plan(24, 2048, 1728, 3, 4, 256);
+  EXPECT(ok.fits && ok.per_task == 8 && ok.SV == 432 && ok.PS == 2048 * 432 && ok.packs == 3456 &&
+             ok.step_j == 0 && ok.step_r == 256 && ok.step_off == 256 && ok.units == 6144,
+         "NYUv2 layer4 plan");
+  const SlabPlan small = make_slab_plan(6, 5, 3, 3, 1, 64);
+  EXPECT(small.fits && small.step_j == 21 && small.step_r == 1 && small.step_off == 21 * 15 + 1, "S = 3 plan");
+  // 32-bit offsets within a unit: a task spanning 2^31 packs does not fit (the split path takes it).
+  EXPECT(!make_slab_plan(2, 1 << 20, 1 << 12, 1, 1, 256).fits, "2^33 values in one task fits");
+  EXPECT(make_slab_plan(2, 1 << 18, 1 << 12, 2, 1, 256).fits, "2^30 packs per task");
+  EXPECT(!make_slab_plan(6, 5, 3, 4, 1, 64).fits && !make_slab_plan(6, 5, 6, 3, 4, 64).fits &&
+             !make_slab_plan(6, 5, 8, 3, 4, 48).fits,
+         "invalid shapes fit");
+  std::printf("%s slab plan rules\n", failures == before ? "ok  " : "FAIL");
 }
 
 }  // namespace
@@ -540,6 +664,80 @@ int main(int argc, char** argv) {
     cs.C = 4;
     cs.S = 99;
     run_named<float>(cs, rng, true);
+  }
+  // ---- Slab kernels (planar, replicated batch). Shapes as {N_t, C, S, T}: odd S (no packs), N_t = 1 (m = S),
+  // C = 1, T = 1 and 40, S = 1, the target shapes' slabs (NYUv2 N_t = 8, S = 1728; CelebA N_t = 8, S = 256;
+  // Cityscapes N_t = 64, S = 512 with 1024-thread blocks), C = 2048 on a sample of channels.
+  slab_rules();
+  struct SlabShape {
+    int per_task, C;
+    int64_t S;
+    int T;
+    std::vector<int> sample;
+  };
+  std::vector<SlabShape> slab_shapes = {{2, 3, 17, 3, {}},   {1, 3, 1728, 3, {}}, {2, 1, 3, 1, {}},
+                                        {2, 5, 1, 40, {}},   {8, 2, 1728, 3, {}}, {2, 2048, 3, 3, {0, 1, 777, 2047}},
+                                        {64, 1, 512, 2, {}}, {2, 3, 4, 3, {}},    {8, 4, 256, 40, {}}};
+  if (!smoke) slab_shapes.push_back({8, 2048, 17, 3, {0, 1, 1000, 2047}});
+  int variant = 0;
+  for (const SlabShape& sh : slab_shapes) {
+    Case cs;
+    cs.N = sh.per_task * sh.T;
+    cs.C = sh.C;
+    cs.S = sh.S;
+    cs.T = sh.T;
+    cs.slab = true;
+    cs.sample = sh.sample;
+    cs.relu = variant % 2 == 0;
+    cs.bias = variant % 3 != 1;
+    cs.sigmoid = variant % 4 != 3;
+    ++variant;
+    run_named<float>(cs, rng, true);
+    run_named<c10::BFloat16>(cs, rng, !smoke);
+    if (smoke) continue;
+    run_named<c10::Half>(cs, rng, full);
+    run_named<double>(cs, rng, true);
+  }
+  // Modes on one small shape: eval backward, gate "none", no weight and no bias, |mean| = 1e4·std (fp32 over
+  // every pack width; bf16), misaligned buffers, and block sizes the host rule would not pick (one warp, a
+  // multiple of 32 that is no power of two, 1024 threads for a slab of fewer packs).
+  {
+    Case cs;
+    cs.N = 6;
+    cs.C = 3;
+    cs.S = 40;
+    cs.T = 3;
+    cs.slab = true;
+    cs.training = false;
+    cs.relu = true;
+    cs.bias = true;
+    run_named<float>(cs, rng, true);
+    cs.training = true;
+    cs.sigmoid = false;
+    run_named<float>(cs, rng, !smoke);
+    cs.weight = false;
+    cs.bias = false;
+    cs.relu = false;
+    run_named<double>(cs, rng, !smoke);
+    cs.weight = true;
+    cs.sigmoid = true;
+    cs.offset = 1e4;
+    cs.S = 1728;
+    cs.N = 3;
+    run_named<float>(cs, rng, true);
+    if (!smoke) run_named<c10::BFloat16>(cs, rng, false);
+    cs.offset = 2.0;
+    cs.S = 40;
+    cs.N = 6;
+    cs.shift = 1;
+    run_named<float>(cs, rng, false);
+    if (!smoke) run_named<c10::Half>(cs, rng, false);
+    cs.shift = 0;
+    for (int threads : {32, 96, 1024}) {
+      cs.slab_threads = threads;
+      cs.relu = threads != 96;
+      run_named<float>(cs, rng, threads == 96);
+    }
   }
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
