@@ -229,6 +229,18 @@ __device__ __forceinline__ void store_pack(T* base, int64_t index, const Pack<T,
   reinterpret_cast<Pack<T, V>*>(base)[index] = value;
 }
 
+// The U packs a thread keeps in flight: pack k is base[first + k·stride] (in packs) when k·spacing < limit,
+// marked in ok[k]; every load is issued before any value is used.
+template <int U, int V, typename T>
+__device__ __forceinline__ void load_batch(Pack<T, V> (&pk)[U], bool (&ok)[U], const T* base, int64_t first,
+                                           int64_t stride, int spacing, int limit) {
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    ok[k] = k * spacing < limit;
+    if (ok[k]) pk[k] = load_pack<V>(base, first + k * stride);
+  }
+}
+
 // d·s + b as one fused multiply-add: the forward's y and the backward's relu mask round identically.
 __device__ __forceinline__ float affine(float d, float s, float b) { return fmaf(d, s, b); }
 __device__ __forceinline__ double affine(double d, double s, double b) { return fma(d, s, b); }
@@ -320,11 +332,7 @@ __global__ void
       for (int q0 = li; q0 < len; q0 += step) {
         Pack<scalar_t, VEC> pk[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = q0 + k * lanes < len;
-          if (ok[k]) pk[k] = load_pack<VEC>(src, q0 + k * lanes);
-        }
+        load_batch(pk, ok, src, q0, lanes, lanes, len - q0);
         acc_t sum = 0;
         int valid = 0;
 #pragma unroll
@@ -384,15 +392,10 @@ __global__ void
           const scalar_t* src = x + (r0 * p.CV + cv) * VEC;
           Pack<scalar_t, VEC> pk[U];
           bool ok[U];
+          load_batch(pk, ok, src, 0, rstride, by, left);
           int valid = 0;
 #pragma unroll
-          for (int k = 0; k < U; ++k) {
-            ok[k] = k * by < left;
-            if (ok[k]) {
-              pk[k] = load_pack<VEC>(src, k * rstride);
-              ++valid;
-            }
-          }
+          for (int k = 0; k < U; ++k) valid += ok[k];
           const acc_t nb = static_cast<acc_t>(valid);
           acc_t mb[VEC], qb[VEC];
 #pragma unroll
@@ -491,11 +494,7 @@ __global__ void
       for (int q0 = li; q0 < len; q0 += step) {
         Pack<scalar_t, VEC> in[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = q0 + k * lanes < len;
-          if (ok[k]) in[k] = load_pack<VEC>(x + base, q0 + k * lanes);
-        }
+        load_batch(in, ok, x + base, q0, lanes, lanes, len - q0);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
@@ -539,11 +538,7 @@ __global__ void
         const int64_t offset = (r0 * p.CV + cv) * VEC;
         Pack<scalar_t, VEC> in[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = k * by < left;
-          if (ok[k]) in[k] = load_pack<VEC>(x + offset, k * rstride);
-        }
+        load_batch(in, ok, x + offset, 0, rstride, by, left);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
@@ -622,14 +617,8 @@ __global__ void
       for (int q0 = li; q0 < len; q0 += step) {
         Pack<scalar_t, VEC> px[U], pg[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = q0 + k * lanes < len;
-          if (ok[k]) {
-            px[k] = load_pack<VEC>(x + base, q0 + k * lanes);
-            pg[k] = load_pack<VEC>(dy + base, q0 + k * lanes);
-          }
-        }
+        load_batch(px, ok, x + base, q0, lanes, lanes, len - q0);
+        load_batch(pg, ok, dy + base, q0, lanes, lanes, len - q0);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
@@ -682,14 +671,8 @@ __global__ void
           const int64_t offset = (r0 * p.CV + cv) * VEC;
           Pack<scalar_t, VEC> px[U], pg[U];
           bool ok[U];
-#pragma unroll
-          for (int k = 0; k < U; ++k) {
-            ok[k] = k * by < left;
-            if (ok[k]) {
-              px[k] = load_pack<VEC>(x + offset, k * rstride);
-              pg[k] = load_pack<VEC>(dy + offset, k * rstride);
-            }
-          }
+          load_batch(px, ok, x + offset, 0, rstride, by, left);
+          load_batch(pg, ok, dy + offset, 0, rstride, by, left);
 #pragma unroll
           for (int k = 0; k < U; ++k) {
             if (!ok[k]) continue;
@@ -779,14 +762,8 @@ __global__ void
       for (int q0 = li; q0 < len; q0 += step) {
         Pack<scalar_t, VEC> px[U], pg[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = q0 + k * lanes < len;
-          if (ok[k]) {
-            px[k] = load_pack<VEC>(x + base, q0 + k * lanes);
-            pg[k] = load_pack<VEC>(dy + base, q0 + k * lanes);
-          }
-        }
+        load_batch(px, ok, x + base, q0, lanes, lanes, len - q0);
+        load_batch(pg, ok, dy + base, q0, lanes, lanes, len - q0);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
@@ -838,14 +815,8 @@ __global__ void
         const int64_t offset = (r0 * p.CV + cv) * VEC;
         Pack<scalar_t, VEC> px[U], pg[U];
         bool ok[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          ok[k] = k * by < left;
-          if (ok[k]) {
-            px[k] = load_pack<VEC>(x + offset, k * rstride);
-            pg[k] = load_pack<VEC>(dy + offset, k * rstride);
-          }
-        }
+        load_batch(px, ok, x + offset, 0, rstride, by, left);
+        load_batch(pg, ok, dy + offset, 0, rstride, by, left);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
