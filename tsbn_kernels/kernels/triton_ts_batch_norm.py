@@ -87,10 +87,6 @@ class Grid:
     iters: int
 
     @property
-    def span(self) -> int:
-        return self.iters * self.block_s
-
-    @property
     def c_blocks(self) -> int:
         return triton.cdiv(self.c, self.block_c)
 
@@ -159,7 +155,7 @@ def _program_coords(pid, ids_ptr, C, splits, iters, tiles, BLOCK_C: tl.constexpr
 
 
 @triton.jit
-def _tile(x_ptr, n, cs, c_ok, s0, S, stride_n, stride_c, stride_s, BLOCK_S: tl.constexpr):
+def _tile(n, cs, c_ok, s0, S, stride_n, stride_c, stride_s, BLOCK_S: tl.constexpr):
     """Offsets and mask of the BLOCK_C × BLOCK_S tile of sample n starting at position s0."""
     ss = s0 + tl.arange(0, BLOCK_S)
     mask = c_ok[:, None] & (ss < S)[None, :]
@@ -179,7 +175,7 @@ def _moments_kernel(x_ptr, ids_ptr, mean_ptr, m2_ptr, C, S, stride_n, stride_c, 
     sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     for i in range(iters):
-        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
+        offs, mask = _tile(n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - pivot[:, None], 0.0)
         sum1 += d
         sum2 += d * d
@@ -263,7 +259,7 @@ def _apply_kernel(x_ptr, y_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, 
     a, shift = _coefficients(w_ptr, b_ptr, k, c_ok, HAS_WEIGHT, HAS_BIAS, SIGMOID, ACC)
     scale = a * tl.load(invstd_ptr + k, mask=c_ok, other=0.0)
     for i in range(iters):
-        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
+        offs, mask = _tile(n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
                            stride_s, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
@@ -285,7 +281,7 @@ def _grad_sums_kernel(x_ptr, dy_ptr, ids_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
     sum1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     sum2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     for i in range(iters):
-        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
+        offs, mask = _tile(n, cs, c_ok, s_start + i * BLOCK_S, S, stride_n, stride_c, stride_s, BLOCK_S)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None], 0.0)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if RELU:
@@ -334,7 +330,7 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, ids_ptr, mean_ptr, invstd_ptr, w_p
         coef_d = -coef_dy * r * r * s2 / m
         coef_0 = -coef_dy * s1 / m
     for i in range(iters):
-        offs, mask = _tile(x_ptr, n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
+        offs, mask = _tile(n, cs, c_ok, s_start + (iters - 1 - i) * BLOCK_S, S, stride_n, stride_c,
                            stride_s, BLOCK_S)
         d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
