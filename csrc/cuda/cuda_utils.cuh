@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <array>
+#include <map>
+#include <mutex>
 
 namespace tsbn {
 
@@ -21,5 +23,23 @@ inline int sm_count(c10::DeviceIndex device) {
   }
   return cached;
 }
+
+// Results of CUDA queries that are fixed per key (kernel, device, launch shape): computed once under a lock,
+// then looked up on every launch. `compute` runs with the lock held, so concurrent first calls query once.
+template <typename Key, typename Value>
+class QueryCache {
+ public:
+  template <typename Compute>
+  Value get(const Key& key, Compute compute) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = values_.find(key);
+    if (found != values_.end()) return found->second;
+    return values_.emplace(key, compute()).first->second;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<Key, Value> values_;
+};
 
 }  // namespace tsbn

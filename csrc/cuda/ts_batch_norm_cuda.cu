@@ -31,8 +31,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -51,17 +49,12 @@ constexpr int64_t kUnitsPerSM = 8;
 // Resident blocks of `kernel` per SM, queried once per (kernel, device). The occupancy query enqueues no
 // work, so it is also allowed while a CUDA graph is being captured.
 int blocks_per_sm(const void* kernel, int threads, c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(kernel, static_cast<int>(device));
-  const auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
-  blocks = std::max(blocks, 1);
-  cache.emplace(key, blocks);
-  return blocks;
+  static QueryCache<std::pair<const void*, int>, int> cache;
+  return cache.get(std::make_pair(kernel, static_cast<int>(device)), [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+    return std::max(blocks, 1);
+  });
 }
 
 // As many blocks as are resident at once, at most one per unit (grid.x is far below 2^31 - 1).
@@ -207,40 +200,33 @@ struct SlabKernelLimits {
 };
 
 SlabKernelLimits slab_kernel_limits(const void* kernel, c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, SlabKernelLimits> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(kernel, static_cast<int>(device));
-  const auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  SlabKernelLimits limits;
-  limits.max_dynamic = std::max<int64_t>(0, static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes));
-  limits.max_threads = std::min(attr.maxThreadsPerBlock, bn_kernels::kSlabMaxThreads);
-  if (limits.max_dynamic > 0)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(limits.max_dynamic)));
-  cache.emplace(key, limits);
-  return limits;
+  static QueryCache<std::pair<const void*, int>, SlabKernelLimits> cache;
+  return cache.get(std::make_pair(kernel, static_cast<int>(device)), [&] {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    SlabKernelLimits limits;
+    limits.max_dynamic =
+        std::max<int64_t>(0, static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes));
+    limits.max_threads = std::min(attr.maxThreadsPerBlock, bn_kernels::kSlabMaxThreads);
+    if (limits.max_dynamic > 0)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(limits.max_dynamic)));
+    return limits;
+  });
 }
 
 // Resident blocks of a slab kernel per SM for a block size and dynamic shared memory size (the occupancy
 // query enqueues no work), cached.
 int slab_blocks_per_sm(const void* kernel, int threads, int64_t smem, c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, int64_t>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(kernel, static_cast<int>(device), threads, smem);
-  const auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
-  int blocks = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
-  cache.emplace(key, blocks);
-  return blocks;
+  static QueryCache<std::tuple<const void*, int, int, int64_t>, int> cache;
+  return cache.get(std::make_tuple(kernel, static_cast<int>(device), threads, smem), [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, static_cast<size_t>(smem)));
+    return blocks;
+  });
 }
 
 struct SlabConfig {
