@@ -1,7 +1,8 @@
 """The C++ CPU kernels are built twice, for the baseline ISA and for AVX2 + FMA, and one build is chosen when the
-library loads, from torch's CPU capability (csrc/cpu/ts_batch_norm_cpu.h). The rest of the suite runs the build
-this machine gets; test_baseline_build_passes_the_cpu_kernel_tests runs the CPU kernel tests again in a process
-where ATEN_CPU_CAPABILITY=default selects the baseline build, so that neither build goes untested.
+library loads, from torch's CPU capability (csrc/cpu/cpu_isa.h). The rest of the suite runs the build
+this machine gets; test_baseline_build_passes_the_cpu_kernel_tests runs the CPU kernel tests (batch norm and
+Gramian) again in a process where ATEN_CPU_CAPABILITY=default selects the baseline build, so that neither build
+goes untested.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def expected_isa() -> str:
 
 
 def test_isa_follows_torch_cpu_capability():
-    assert torch.ops.tsbn.ts_bn_cpu_isa() == expected_isa()
+    assert torch.ops.tsbn.cpu_isa() == expected_isa()
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT",
@@ -39,11 +40,12 @@ def test_baseline_build_passes_the_cpu_kernel_tests():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            str(TESTS / "test_cpu_isa.py"), str(TESTS / "test_cpu_slab_kernel.py"),
-           str(TESTS / "test_fused_batch_norm.py"), "-k", "cpu and not baseline_build"]
+           str(TESTS / "test_fused_batch_norm.py"), str(TESTS / "test_mtl_gramian.py"),
+           "-k", "(cpu or cpp) and not baseline_build"]
     result = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     # Not vacuous: that environment does select the baseline build.
-    probe = subprocess.run([sys.executable, "-c", "import torch, tsbn_kernels; print(torch.ops.tsbn.ts_bn_cpu_isa())"],
+    probe = subprocess.run([sys.executable, "-c", "import torch, tsbn_kernels; print(torch.ops.tsbn.cpu_isa())"],
                            cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.strip() == "baseline"

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tsbn_kernels import mtl
 
@@ -68,6 +70,55 @@ def test_cpp_ops_opcheck_and_errors():
         torch.ops.tsbn.gramian(torch.randn(4))
     with pytest.raises(ValueError, match=r"w must have shape \(3,\)"):
         torch.ops.tsbn.combine(G, torch.randn(4))
+
+
+CPP = pytest.mark.skipif(not _extension.has_op("gramian") or torch.cuda.is_available(),
+                         reason="the C++ CPU kernels are not built (or CUDA tensors are in use)")
+
+
+@CPP
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-12), (torch.bfloat16, 2e-6)])
+@pytest.mark.parametrize("T", [2, 4, 6, 7, 9, 40])
+def test_cpp_gramian_register_blocks_across_chunks(dtype, tol, T):
+    """Every (rows, columns) edge of the 2 × 4 register blocks, over P spanning several 2048-column chunks and a
+    ragged last one, |mean| >> std: against float64."""
+    G = rows(T, 2 * 2048 + 37, dtype, seed=T, offset=3.0)
+    G64 = G.double()
+    want = G64 @ G64.T
+    got = torch.ops.tsbn.gramian(G)
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@CPP
+def test_cpp_gramian_independent_of_thread_count():
+    """Chunk partials are summed in fixed groups and order: the same bits at 1 and 2 threads, over enough
+    columns for several groups."""
+    G = rows(5, 40 * 2048 + 11, torch.float32, seed=5, offset=1.0)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.tsbn.gramian(G)
+        torch.set_num_threads(2)
+        two = torch.ops.tsbn.gramian(G)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@CPP
+@given(T=st.integers(1, 12), P=st.integers(1, 5000), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_property_cpp_gramian_and_combine(T, P, seed):
+    G = rows(T, P, torch.float32, seed=seed)
+    G64 = G.double()
+    want = G64 @ G64.T
+    torch.testing.assert_close(torch.ops.tsbn.gramian(G).double(), want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max().item())
+    w = torch.randn(T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want_d = w @ G64
+    torch.testing.assert_close(torch.ops.tsbn.combine(G, w.float()).double(), want_d, rtol=1e-5,
+                               atol=1e-5 * want_d.abs().max().item())
 
 
 def test_bad_inputs():

@@ -21,13 +21,12 @@
 //   by the same (non-inlined) plane kernels and merges as the split path, so both paths and every thread
 //   count give the same bits.
 //
-// This source is built twice (ts_batch_norm_cpu.h): here for the baseline ISA, which also registers the ops
-// with the kernels chosen for this CPU, and from ts_batch_norm_cpu_avx2.cpp for AVX2 + FMA. Both paths of one
-// call always run in the same build, so the bit-identity above holds in either.
+// This source is built twice (cpu_isa.h): here for the baseline ISA, which also registers the ops with the
+// build chosen for this CPU, and from ts_batch_norm_cpu_avx2.cpp for AVX2 + FMA. Both paths of one call always
+// run in the same build, so the bit-identity above holds in either.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -44,11 +43,7 @@
 #include <vector>
 
 #ifdef TSBN_CPU_AVX2
-// After every include: the target applies to this file's code only. Inline functions of torch's and the
-// standard headers stay baseline code in every object, so the linker cannot hand an AVX2 copy of one to a
-// baseline caller.
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+TSBN_CPU_AVX2_BEGIN
 #endif
 
 namespace tsbn {
@@ -846,37 +841,26 @@ std::string ts_bn_cpu_path(const at::Tensor& x, const c10::optional<at::Tensor>&
 }  // namespace
 
 #ifdef TSBN_CPU_AVX2
-extern const CpuBatchNormKernels kAvx2CpuKernels = {"avx2", &ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
+extern const CpuBatchNormKernels kAvx2CpuKernels = {&ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
 }  // namespace tsbn
-#pragma GCC pop_options
+TSBN_CPU_AVX2_END
 #else
-extern const CpuBatchNormKernels kBaselineCpuKernels = {"baseline", &ts_bn_forward_cpu, &ts_bn_backward_cpu,
-                                                        &ts_bn_cpu_path};
+extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
 
 namespace {
 
-// Decided once, when the library loads (torch reads ATEN_CPU_CAPABILITY once too). The CPUID check guards
-// against a capability string that promises more than this CPU has.
 const CpuBatchNormKernels& kernels_for_this_cpu() {
 #if TSBN_CPU_HAS_AVX2
-  static const bool avx2 = [] {
-    const std::string capability = at::get_cpu_capability();
-    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
-  }();
-  if (avx2) return kAvx2CpuKernels;
+  if (cpu_runs_avx2()) return kAvx2CpuKernels;
 #endif
   return kBaselineCpuKernels;
 }
-
-std::string ts_bn_cpu_isa() { return kernels_for_this_cpu().isa; }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   m.def("ts_bn_cpu_path(Tensor x, Tensor? task_ids, int num_tasks, bool backward) -> str",
         kernels_for_this_cpu().path);
-  m.def("ts_bn_cpu_isa() -> str", &ts_bn_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {

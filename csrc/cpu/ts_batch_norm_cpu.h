@@ -1,9 +1,5 @@
-// The CPU kernels of ts_batch_norm, compiled once per instruction set and chosen when the library loads, as
-// PyTorch's own CPU kernels are (ATen compiles them per CPU_CAPABILITY and picks one at run time):
-// ts_batch_norm_cpu.cpp holds the kernels, builds them for the baseline ISA and registers the ops;
-// ts_batch_norm_cpu_avx2.cpp builds the same source again for AVX2 + FMA (GCC on x86-64). The choice follows
-// torch's CPU capability (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY): AVX2 or AVX512 there
-// selects the AVX2 build, anything else the baseline.
+// The CPU kernels of ts_batch_norm, built for the baseline ISA (ts_batch_norm_cpu.cpp) and for AVX2 + FMA
+// (ts_batch_norm_cpu_avx2.cpp); cpu_isa.h says how one is chosen.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,17 +8,11 @@
 #include <string>
 #include <tuple>
 
-// GCC on x86-64 builds the AVX2 variant; elsewhere only the baseline exists.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TSBN_CPU_HAS_AVX2 1
-#else
-#define TSBN_CPU_HAS_AVX2 0
-#endif
+#include "cpu_isa.h"
 
 namespace tsbn {
 
 struct CpuBatchNormKernels {
-  const char* isa;  // "baseline" or "avx2"
   // y, mean, invstd, var, count (the ts_bn_forward schema).
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*forward)(
       const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
