@@ -41,6 +41,15 @@ def has_cuda_kernels() -> bool:
         return False
 
 
+@functools.cache
+def cpu_isa() -> str:
+    """Which build of the C++ CPU kernels runs here: "avx2" or "baseline" (csrc/cpu/cpu_isa.h); "none" without
+    the extension."""
+    if _C is None:
+        return "none"
+    return str(torch.ops.tsbn.cpu_isa()) if has_op("cpu_isa") else "baseline"
+
+
 if _C is not None:
     @torch.library.register_fake("tsbn::task_counts")
     def _task_counts_fake(task_ids, num_tasks):

@@ -16,9 +16,10 @@ from torch import Tensor
 
 # Columns per partial Gramian on the torch path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
 CHUNK = 1 << 16
-# On the CPU the one-pass C++ Gramian wins while the pass is memory-bound (few tasks); past that, BLAS's
-# register-blocked products win (2-core EPYC, P = 1e7: T=3 16 ms vs 21 ms; T=40 1190 ms vs 376 ms).
-CPP_GRAMIAN_MAX_TASKS = 8
+# On the CPU the C++ Gramian's AVX2 build beats per-chunk BLAS at every T measured (2-core EPYC, P = 1e7,
+# 2026-12-02: T=3 7–10 ms vs 17–25 ms, T=16 62–74 ms vs 75–104 ms, T=40 263–268 ms vs 355–385 ms). Its baseline
+# build, narrower than BLAS's own vector kernels, is kept to few tasks, where the pass is bound by memory.
+CPP_GRAMIAN_MAX_TASKS_BASELINE = 8
 
 
 def _check_matrix(G: object, name: str = "G") -> Tensor:
@@ -69,6 +70,13 @@ def _choose(backend: str, device_type: str) -> str:
     return backend
 
 
+@torch.compiler.assume_constant_result
+def _cpp_gramian_max_tasks() -> int:
+    from .. import _extension
+
+    return 1 << 30 if _extension.cpu_isa() == "avx2" else CPP_GRAMIAN_MAX_TASKS_BASELINE
+
+
 def _triton_available() -> bool:
     try:
         from . import triton_gramian  # noqa: F401
@@ -81,7 +89,7 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
     """G·Gᵀ of the per-task gradients G [T, P]: [T, T], float32 (float64 for float64 G)."""
     G = _check_matrix(G)
     chosen = _resolve(backend, G.device)
-    if backend == "auto" and chosen == "cpp" and G.shape[0] > CPP_GRAMIAN_MAX_TASKS:
+    if backend == "auto" and chosen == "cpp" and G.shape[0] > _cpp_gramian_max_tasks():
         chosen = "torch"
     if chosen == "triton":
         from .triton_gramian import triton_gramian
