@@ -2,11 +2,12 @@
 //
 // P is cut into fixed chunks of columns. A chunk's T rows are widened (fp16/bf16 to fp32) into a zero-padded
 // buffer that stays in L2, and its T(T+1)/2 dot products run as register blocks of 2 × 4 rows: 8 vector
-// accumulators share each column step's 6 loads and hide the add latency, so the pass stays bound by memory
-// rather than by the dot products up to T = 40 (one dot product at a time left T = 40 at a third of a BLAS
-// matmul). Accumulation is fp32 within a chunk (fp64 for fp64 input); chunk partials are summed in double in
-// a fixed order (fixed groups of chunks, then the groups in order), so the result does not depend on the
-// thread count. Built per ISA (cpu_isa.h).
+// accumulators share each column step's row loads and hide the add latency (one dot product at a time was
+// add-latency bound and left T = 40 at a third of a BLAS matmul; the blocks beat per-chunk BLAS at every T
+// measured, though at T = 40 the pass is still bound by the dot products rather than by memory, see
+// benchmarks/RESULTS.md). Accumulation is fp32 within a chunk (fp64 for fp64 input); chunk partials are
+// summed in double in a fixed order (fixed groups of chunks, then the groups in order), so the result does not
+// depend on the thread count. Built per ISA (cpu_isa.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -68,7 +69,7 @@ inline typename VectorOf<acc_t>::type load_vector(const acc_t* p) {
 
 // Dot products of rows i0..i0+I-1 with rows j0..j0+J-1 of a chunk buffer ([rows, kColumns], zero-padded to a
 // whole number of vectors), added in double to out [T, T]. The loops over the block unroll completely, so the
-// I·J accumulators and the I + J loads of a column step live in registers.
+// I·J accumulators live in registers for the whole chunk.
 template <typename acc_t, int I, int J>
 void dot_block(const acc_t* rows, int64_t i0, int64_t j0, int64_t padded, int64_t T, double* out) {
   using V = typename VectorOf<acc_t>::type;
