@@ -71,10 +71,10 @@ def _choose(backend: str, device_type: str) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _cpp_gramian_max_tasks() -> int:
+def _cpp_gramian_is_avx2() -> bool:
     from .. import _extension
 
-    return 1 << 30 if _extension.cpu_isa() == "avx2" else CPP_GRAMIAN_MAX_TASKS_BASELINE
+    return _extension.cpu_isa() == "avx2"
 
 
 def _triton_available() -> bool:
@@ -89,7 +89,8 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
     """G·Gᵀ of the per-task gradients G [T, P]: [T, T], float32 (float64 for float64 G)."""
     G = _check_matrix(G)
     chosen = _resolve(backend, G.device)
-    if backend == "auto" and chosen == "cpp" and G.shape[0] > _cpp_gramian_max_tasks():
+    if backend == "auto" and chosen == "cpp" and G.shape[0] > CPP_GRAMIAN_MAX_TASKS_BASELINE \
+            and not _cpp_gramian_is_avx2():
         chosen = "torch"
     if chosen == "triton":
         from .triton_gramian import triton_gramian
