@@ -1,6 +1,8 @@
 """Shared test helpers: input factories and dtype-aware tolerances."""
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import pytest
@@ -55,3 +57,33 @@ def make_params(num_tasks: int, channels: int, dtype=torch.float32, *, bias=True
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def ragged_task_ids(per_task: list[int], spatial, generator: torch.Generator, *, shuffle: bool = True):
+    """Task ids of a ragged batch with per_task[t] samples of task t, in an order drawn from ``generator`` when
+    ``shuffle``. A drawn batch that training would reject (empty, or a task with a single value per channel)
+    gets two more samples per task. Returns the per-task sizes used and the ids."""
+    spatial_size = math.prod(spatial)
+    if sum(per_task) == 0 or any(n * spatial_size == 1 for n in per_task):
+        per_task = [n + 2 for n in per_task]
+    ids = torch.cat([torch.full((n,), t) for t, n in enumerate(per_task)])
+    if shuffle:
+        ids = ids[torch.randperm(ids.numel(), generator=generator)]
+    return per_task, ids
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """The environment variable ``name`` set to ``value`` (None: unset) inside the block, restored after."""
+    old = os.environ.get(name)
+    try:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -9,6 +9,7 @@ so that no comparison here is vacuous.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import zlib
 
@@ -18,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tsbn_kernels as tk
-from conftest import make_input, make_params
-from test_fused_batch_norm import TOL, assert_matches, run
+from conftest import env_var, make_input, make_params, ragged_task_ids
+from test_fused_batch_norm import assert_matches, run
 
 pytestmark = pytest.mark.skipif("cpu" not in tk.available_backends("cpu"), reason="the C++ CPU kernel is not built")
 
@@ -32,21 +33,14 @@ LARGE_MEAN_TOL = {"y": 1e-3, "dx": 1e-3, "dweight": 5e-3, "dbias": 1e-3, "runnin
 @contextlib.contextmanager
 def cpu_path(budget: int | None, threads: int | None = None):
     """TSBN_CPU_SLAB_BYTES=budget (None: unset) and the intra-op thread count, restored afterwards."""
-    old_env, old_threads = os.environ.get(ENV), torch.get_num_threads()
-    try:
-        if budget is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = str(budget)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old_env
-        torch.set_num_threads(old_threads)
+    old_threads = torch.get_num_threads()
+    with env_var(ENV, None if budget is None else str(budget)):
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            yield
+        finally:
+            torch.set_num_threads(old_threads)
 
 
 def param_dtype(dtype):
@@ -234,22 +228,14 @@ def test_slab_single_value_per_task_raises():
        offset=st.sampled_from([2.0, 1e4]), seed=st.integers(0, 2**31 - 1))
 def test_property_slab_equals_split(num_tasks, per_task, channels, spatial, dtype, gate, use_bias, activation,
                                     shuffle, units_per_item, offset, seed):
-    per_task = per_task[:num_tasks]
-    spatial_size = 1
-    for s in spatial:
-        spatial_size *= s
-    if sum(per_task) == 0 or any(n * spatial_size == 1 for n in per_task):
-        per_task = [n + 2 for n in per_task]
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.full((n,), t) for t, n in enumerate(per_task)])
-    if shuffle:
-        ids = ids[torch.randperm(ids.numel(), generator=g)]
+    per_task, ids = ragged_task_ids(per_task[:num_tasks], spatial, g, shuffle=shuffle)
     task_ids = ids if shuffle or len(set(per_task)) > 1 else None   # None: the task-major default layout
     shape = (ids.numel(), channels, *spatial)
     x = make_input(shape, dtype, offset=offset, generator=g)
     weight, bias, rm, rv = make_params(num_tasks, channels, param_dtype(dtype), bias=use_bias, generator=g)
     element = x.element_size()
-    budget = units_per_item * max(per_task) * spatial_size * element * 2 if units_per_item else HUGE
+    budget = units_per_item * max(per_task) * math.prod(spatial) * element * 2 if units_per_item else HUGE
     kw = dict(gate=gate, activation=activation)
     split, slab = both_paths(x, weight, bias, (rm, rv), task_ids, slab_budget=budget, **kw)
     # At |mean| = 1e4·std only float64 is compared with the reference: in fp32 the rounding of the mean

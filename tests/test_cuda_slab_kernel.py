@@ -9,14 +9,12 @@ paths reduce in different orders and are not bitwise equal; each is deterministi
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import zlib
 
 import pytest
 import torch
-from conftest import make_input, make_params
+from conftest import env_var, make_input, make_params
 from test_fused_batch_norm import assert_matches, run
 
 import tsbn_kernels as tk
@@ -29,21 +27,9 @@ LARGE_MEAN_TOL = {"y": 1e-3, "dx": 1e-3, "dweight": 5e-3, "dbias": 1e-3, "runnin
                   "running_var": 1e-3}  # as in test_fused_batch_norm.test_large_mean_small_std
 
 
-@contextlib.contextmanager
 def cuda_path(mode: str | None):
     """TSBN_CUDA_SLAB=mode (None: unset, the automatic choice), restored afterwards."""
-    old = os.environ.get(ENV)
-    try:
-        if mode is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = mode
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+    return env_var(ENV, mode)
 
 
 def path_of(x, num_tasks, backward, task_ids=None):

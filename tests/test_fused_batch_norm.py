@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tsbn_kernels as tk
-from conftest import make_input, make_params
+from conftest import make_input, make_params, ragged_task_ids
 from tsbn_kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,15 +205,9 @@ def test_cumulative_momentum_and_no_affine(backend):
        activation=st.sampled_from([None, "relu"]), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_property_against_reference(num_tasks, per_task, channels, spatial, gate, use_bias, activation,
                                     channels_last, seed):
-    per_task = per_task[:num_tasks]
-    spatial_size = 1
-    for s in spatial:
-        spatial_size *= s
-    if sum(per_task) == 0 or any(n * spatial_size == 1 for n in per_task):
-        per_task = [n + 2 for n in per_task]
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.full((n,), t) for t, n in enumerate(per_task)])
-    ids = ids[torch.randperm(ids.numel(), generator=g)].to(DEVICE)
+    _, ids = ragged_task_ids(per_task[:num_tasks], spatial, g)
+    ids = ids.to(DEVICE)
     shape = (ids.numel(), channels, *spatial)
     x = make_input(shape, torch.float64, channels_last=channels_last and len(shape) == 4, offset=5.0,
                    generator=g, device=DEVICE)

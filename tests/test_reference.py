@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import make_input, make_params, tolerance
+from conftest import make_input, make_params, ragged_task_ids, tolerance
 from tsbn_kernels import reference
 
 
@@ -146,15 +146,8 @@ def test_gradcheck_float64(gen):
 )
 def test_property_ragged_task_ids(num_tasks, per_task, channels, spatial, gate, use_bias, activation, offset,
                                   seed):
-    per_task = (per_task + [0] * num_tasks)[:num_tasks]
-    spatial_size = 1
-    for s in spatial:
-        spatial_size *= s
-    if sum(per_task) == 0 or any(n * spatial_size == 1 for n in per_task):
-        per_task = [n + 2 for n in per_task]
     g = torch.Generator().manual_seed(seed)
-    task_ids = torch.cat([torch.full((n,), t) for t, n in enumerate(per_task)])
-    task_ids = task_ids[torch.randperm(task_ids.numel(), generator=g)]
+    _, task_ids = ragged_task_ids((per_task + [0] * num_tasks)[:num_tasks], spatial, g)
     x = make_input((task_ids.numel(), channels, *spatial), torch.float64, offset=offset, generator=g)
     weight, bias, rm, rv = make_params(num_tasks, channels, torch.float64, bias=use_bias, generator=g)
     got, want = run_both(x, weight, bias, (rm, rv), task_ids, num_tasks, training=True, momentum=0.2,
