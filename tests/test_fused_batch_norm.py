@@ -244,6 +244,41 @@ def test_gradcheck(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradgradcheck(backend, training):
+    g = torch.Generator().manual_seed(11)
+    x = make_input((5, 2, 3), torch.float64, offset=3.0, generator=g, device=DEVICE).requires_grad_(True)
+    weight, bias, rm, rv = make_params(2, 2, torch.float64, generator=g, device=DEVICE)
+    ids = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
+
+    def fn(x, w, b):
+        return tk.ts_batch_norm(x, w, b, rm.clone(), rv.clone(), task_ids=ids, training=training, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight.requires_grad_(True), bias.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("training,gate,activation", [(True, "sigmoid", None), (True, "none", "relu"),
+                                                      (False, "sigmoid", "relu")])
+def test_second_derivative_matches_reference(backend, training, gate, activation):
+    """A gradient penalty through the layer: the fused backward under create_graph=True must carry the norm's
+    own second-order terms (a detached backward would lose them silently) and equal the reference's."""
+    g = torch.Generator().manual_seed(12)
+    x0 = make_input((6, 3, 4, 5), torch.float64, offset=2.0, scale=1.5, generator=g, device=DEVICE)
+    weight0, bias0, rm, rv = make_params(3, 3, torch.float64, generator=g, device=DEVICE)
+    results = []
+    for name in ("eager", backend):
+        x, weight, bias = (t.clone().requires_grad_(True) for t in (x0, weight0, bias0))
+        y = tk.ts_batch_norm(x, weight, bias, rm.clone(), rv.clone(), training=training, gate=gate,
+                             activation=activation, backend=name)
+        first = torch.autograd.grad(y.pow(3).sum(), (x, weight, bias), create_graph=True)
+        penalty = sum(d.pow(2).sum() for d in first)
+        results.append(first + torch.autograd.grad(penalty, (x, weight, bias)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_module_under_torch_compile_fullgraph(backend):
     torch.manual_seed(0)
     bn = tk.TSBatchNorm2d(4, 3, activation="relu", backend=backend).to(DEVICE)

@@ -84,3 +84,17 @@ def test_module_compiles_fullgraph(backend):
     x = make_input((4, 3, 16), device=DEVICE)
     torch.testing.assert_close(torch.compile(ln, fullgraph=True, backend="aot_eager")(x),
                                tk.ts_layer_norm(x, ln.weight, backend="eager"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradgradcheck(backend):
+    g = torch.Generator().manual_seed(5)
+    x = make_input((4, 3, 6), torch.float64, offset=2.0, generator=g, device=DEVICE).requires_grad_(True)
+    weight = torch.randn(2, 6, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_(True)
+    bias = torch.randn(2, 6, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_(True)
+    ids = torch.tensor([1, 0, 0, 1], device=DEVICE)
+
+    def fn(x, w, b):
+        return tk.ts_layer_norm(x, w, b, task_ids=ids, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "gate_values", "task_index", "ts_batch_norm", "ts_layer_norm"]
+__all__ = ["accumulation_dtype", "gate_values", "task_index", "ts_batch_norm", "ts_batch_norm_with_statistics",
+           "ts_layer_norm"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,7 +81,8 @@ def ts_batch_norm(
     xa = x.to(acc)
 
     if training:
-        counts = torch.bincount(ids, minlength=num_tasks).to(acc) * spatial  # m_t, elements per channel
+        # m_t, elements per channel; index_add rather than bincount, which has no meta (shape-only) kernel
+        counts = torch.zeros(num_tasks, dtype=acc, device=x.device).index_add(0, ids, xa.new_ones(batch)) * spatial
         denom = counts.clamp_min(1).unsqueeze(1)
         # Two passes (mean, then squared deviations): exact for |mean| >> std, unlike E[x²] − E[x]².
         mean = _task_channel_sum(xa, ids, num_tasks) / denom
@@ -93,17 +95,42 @@ def ts_batch_norm(
         var = running_var.to(acc)
         centered = xa - _per_sample(mean, ids, x.dim())
 
-    invstd = torch.rsqrt(var + eps)
+    return _scale_and_shift(centered, ids, torch.rsqrt(var + eps), weight, bias, gate, activation).to(x.dtype)
+
+
+def ts_batch_norm_with_statistics(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    *,
+    task_ids: Tensor | None = None,
+    num_tasks: int,
+    gate: str = "sigmoid",
+    activation: str | None = None,
+) -> Tensor:
+    """y of ``ts_batch_norm`` for given per-(task, channel) statistics ``mean`` and ``invstd`` = 1/sqrt(var + eps)
+    [T, C]: the eval-mode formula, also the training-mode one with the batch statistics held fixed."""
+    acc = accumulation_dtype(x.dtype)
+    ids = task_index(task_ids, x.shape[0], num_tasks, x.device)
+    centered = x.to(acc) - _per_sample(mean.to(acc), ids, x.dim())
+    return _scale_and_shift(centered, ids, invstd.to(acc), weight, bias, gate, activation).to(x.dtype)
+
+
+def _scale_and_shift(centered: Tensor, ids: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     gate: str, activation: str | None) -> Tensor:
+    """act(a·(x − μ)·r + b) in the accumulation dtype, the per-(task, channel) tables gathered per sample."""
     scale = invstd
-    a = gate_values(None if weight is None else weight.to(acc), gate)
+    a = gate_values(None if weight is None else weight.to(invstd.dtype), gate)
     if a is not None:
         scale = scale * a
-    y = centered * _per_sample(scale, ids, x.dim())
+    y = centered * _per_sample(scale, ids, centered.dim())
     if bias is not None:
-        y = y + _per_sample(bias.to(acc), ids, x.dim())
+        y = y + _per_sample(bias.to(invstd.dtype), ids, centered.dim())
     if activation == "relu":
         y = torch.relu(y)
-    return y.to(x.dtype)
+    return y
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, dispatch
+from . import double_backward
 from ..reference import accumulation_dtype
 
 if not _extension.has_op("ts_bn_forward"):
@@ -40,20 +41,23 @@ def _update_fake(running_mean, running_var, mean, var, count, momentum, momentum
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, task_ids, num_tasks, training, _, sigmoid_gate, relu = inputs
+    x, weight, bias, _, _, task_ids, num_tasks, training, eps, sigmoid_gate, relu = inputs
     _, mean, invstd, _, _ = output
     ctx.save_for_backward(x, weight, bias, mean, invstd, task_ids)
-    ctx.config = (num_tasks, training, sigmoid_gate, relu)
+    ctx.config = dict(num_tasks=num_tasks, training=training, eps=eps, sigmoid_gate=sigmoid_gate, relu=relu)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_y, *_stat_grads):
     x, weight, bias, mean, invstd, task_ids = ctx.saved_tensors
-    num_tasks, training, sigmoid_gate, relu = ctx.config
     if grad_y is None:
         return (None,) * 11
-    dx, dw, db = _ops.ts_bn_backward(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, training,
-                                     sigmoid_gate, relu)
+    if double_backward.records_graph(grad_y, x, weight, bias):
+        return double_backward.batch_norm_grads(grad_y, x, weight, bias, mean, invstd, task_ids, **ctx.config,
+                                                needs_input_grad=ctx.needs_input_grad[:3]) + (None,) * 8
+    config = ctx.config
+    dx, dw, db = _ops.ts_bn_backward(grad_y, x, weight, bias, mean, invstd, task_ids, config["num_tasks"],
+                                     config["training"], config["sigmoid_gate"], config["relu"])
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
             db if bias is not None and ctx.needs_input_grad[2] else None) + (None,) * 8

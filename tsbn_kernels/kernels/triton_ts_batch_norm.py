@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import dispatch, tuning
 from ..reference import accumulation_dtype
+from . import double_backward
 from .triton_utils import accumulation_types, target_programs, task_of_samples
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -442,18 +443,21 @@ def _(grad_y, x, weight, bias, mean, invstd, count, task_ids, num_tasks, trainin
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, task_ids, num_tasks, training, _, sigmoid_gate, relu = inputs
+    x, weight, bias, _, _, task_ids, num_tasks, training, eps, sigmoid_gate, relu = inputs
     _, mean, invstd, _, count = output
     ctx.save_for_backward(x, weight, bias, mean, invstd, count, task_ids)
-    ctx.config = (num_tasks, training, sigmoid_gate, relu)
+    ctx.config = dict(num_tasks=num_tasks, training=training, eps=eps, sigmoid_gate=sigmoid_gate, relu=relu)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_y, *_):
     x, weight, bias, mean, invstd, count, task_ids = ctx.saved_tensors
-    num_tasks, training, sigmoid_gate, relu = ctx.config
-    dx, dw, db = triton_bn_backward(grad_y, x, weight, bias, mean, invstd, count, task_ids, num_tasks, training,
-                                    sigmoid_gate, relu)
+    if double_backward.records_graph(grad_y, x, weight, bias):
+        return double_backward.batch_norm_grads(grad_y, x, weight, bias, mean, invstd, task_ids, **ctx.config,
+                                                needs_input_grad=ctx.needs_input_grad[:3]) + (None,) * 8
+    config = ctx.config
+    dx, dw, db = triton_bn_backward(grad_y, x, weight, bias, mean, invstd, count, task_ids, config["num_tasks"],
+                                    config["training"], config["sigmoid_gate"], config["relu"])
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
             db if bias is not None and ctx.needs_input_grad[2] else None) + (None,) * 8

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..reference import accumulation_dtype
+from . import double_backward
 from .triton_utils import accumulation_types, target_programs, task_of_samples
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -217,16 +218,20 @@ def _(grad_y, x, weight, bias, mean, rstd, task_ids, num_tasks, normalized_ndim,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, task_ids, num_tasks, normalized_ndim, _, sigmoid_gate = inputs
+    x, weight, bias, task_ids, num_tasks, normalized_ndim, eps, sigmoid_gate = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd, task_ids)
-    ctx.config = (num_tasks, normalized_ndim, sigmoid_gate)
+    ctx.config = (num_tasks, normalized_ndim, eps, sigmoid_gate)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_y, *_):
     x, weight, bias, mean, rstd, task_ids = ctx.saved_tensors
-    num_tasks, normalized_ndim, sigmoid_gate = ctx.config
+    num_tasks, normalized_ndim, eps, sigmoid_gate = ctx.config
+    if double_backward.records_graph(grad_y, x, weight, bias):
+        return double_backward.layer_norm_grads(grad_y, x, weight, bias, task_ids, num_tasks=num_tasks, eps=eps,
+                                                sigmoid_gate=sigmoid_gate,
+                                                needs_input_grad=ctx.needs_input_grad[:3]) + (None,) * 5
     dx, dw, db = triton_ln_backward(grad_y, x, weight, bias, mean, rstd, task_ids, num_tasks, normalized_ndim,
                                     sigmoid_gate)
     return (dx if ctx.needs_input_grad[0] else None,
