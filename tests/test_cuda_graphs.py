@@ -62,16 +62,20 @@ def test_pcgrad_replays_with_its_own_random_orders():
 @pytest.mark.skipif(not FUSED, reason="no fused backend built for CUDA")
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_ts_batch_norm_training_replays(backend, channels_last):
+@pytest.mark.parametrize("per_sample_ids", [False, True])
+def test_ts_batch_norm_training_replays(backend, channels_last, per_sample_ids):
+    """Per-sample ids too: their values are checked on the host once per ids tensor (in the warm-up), so the
+    captured step holds no synchronisation."""
     torch.manual_seed(0)
     module = tk.TSBatchNorm2d(24, num_tasks=3, activation="relu").to(DEVICE)
     module.backend = backend
     twin = copy.deepcopy(module)
     x = make_input((6, 24, 17, 19), offset=3.0, channels_last=channels_last, device=DEVICE).requires_grad_(True)
+    ids = torch.tensor([2, 0, 2, 2, 1, 0], device=DEVICE) if per_sample_ids else None  # ragged: 2, 1, 3
     grad_y = torch.randn_like(x)
 
     def step():
-        y = module(x)
+        y = module(x, ids)
         dx, dw = torch.autograd.grad(y, (x, module.weight), grad_y)
         return y, dx, dw
     graph, (y, dx, dw) = capture(step)
@@ -86,13 +90,14 @@ def test_ts_batch_norm_training_replays(backend, channels_last):
             x.copy_(fresh)
         graph.replay()
         fresh.requires_grad_(True)
-        y_want = twin(fresh)
+        y_want = twin(fresh, ids)
         dx_want, dw_want = torch.autograd.grad(y_want, (fresh, twin.weight), grad_y)
         torch.testing.assert_close(y, y_want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(dx, dx_want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(dw, dw_want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(module.running_mean, twin.running_mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(module.running_var, twin.running_var, rtol=1e-5, atol=1e-5)
+        assert torch.equal(module.num_batches_tracked, twin.num_batches_tracked)
 
 
 @pytest.mark.parametrize("method", ["upgrad", "mean"])

@@ -105,6 +105,14 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
     when a tuning table covers it; otherwise the first of ``AUTO_ORDER``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if _under_torch_func():
+        # The fused ops are custom ops with autograd formulas but no functorch rules; the reference is plain
+        # PyTorch, which every transform supports.
+        if backend not in ("auto", "eager"):
+            raise ValueError(f"backend {backend!r} cannot run {op} inside a torch.func transform (vmap, grad, "
+                             "jacrev, ...): its kernels have no functorch rules. Use backend='auto', which runs "
+                             "the eager reference there, or backend='eager'")
+        return "eager", _registry["eager"].ops[op]
     shape_key = None
     if x is not None and backend == "auto":
         from . import tuning
@@ -112,6 +120,10 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
         shape_key = tuning.shape_key(op, x, training)
     name = _choose(backend, torch.device(device).type, op, shape_key)
     return name, _registry[name].ops[op]
+
+
+def _under_torch_func() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 # The choice is plain Python over constants (names, the environment, the registry, a tuning table read from

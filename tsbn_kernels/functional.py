@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch, validation
+from . import dispatch, reference, validation
 
 
 def ts_batch_norm(
@@ -52,14 +52,17 @@ def ts_batch_norm(
     factor: float | Tensor = 0.0 if momentum is None else float(momentum)
     if training and running_mean is not None and num_batches_tracked is not None:
         with torch.no_grad():
-            if layout.counts is None:
-                num_batches_tracked.add_(1)
-            else:
-                present = torch.tensor([c > 0 for c in layout.counts], device=x.device)
-                num_batches_tracked.add_(present.long())
+            if layout.task_ids is None:
+                num_batches_tracked.add_(int(x.shape[0] > 0))
+            else:  # presence counted on the device: no host-to-device copy, so a CUDA graph can capture it
+                counts = torch.zeros_like(num_batches_tracked).index_add(0, layout.task_ids,
+                                                                         torch.ones_like(layout.task_ids))
+                num_batches_tracked.add_((counts > 0).long())
         if momentum is None:
             factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
     _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm", x, training)
+    if training and x.numel() == 0:
+        impl = reference.ts_batch_norm  # as nn.BatchNorm: an empty batch gives an empty output, updates nothing
     return impl(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
                 num_tasks=layout.num_tasks, training=training, momentum=factor, eps=float(eps), gate=gate,
                 activation=activation)

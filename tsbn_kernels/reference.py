@@ -13,6 +13,8 @@ otherwise ``task_ids`` is an int64 tensor with one task index per sample (ragged
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -76,7 +78,7 @@ def ts_batch_norm(
         num_tasks = next(t.shape[0] for t in (weight, bias, running_mean) if t is not None)
     acc = accumulation_dtype(x.dtype)
     batch, channels = x.shape[0], x.shape[1]
-    spatial = x[0, 0].numel()
+    spatial = math.prod(x.shape[2:])
     ids = task_index(task_ids, batch, num_tasks, x.device)
     xa = x.to(acc)
 

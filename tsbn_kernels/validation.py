@@ -3,10 +3,16 @@
 Every public op validates here before dispatching, so a bad call raises the same ValueError or TypeError,
 naming the problem, whichever backend would have run it: never a segfault, a device-side assert or a
 silently wrong result. Checks that need the values of ``task_ids`` (range, per-task counts) cost one
-host synchronisation; the replicated-batch layout (``task_ids=None``) needs none.
+host synchronisation per ids tensor: the result is kept for the last tensor checked (while it is not modified
+in place), so the layers of one forward under ``tk.task_ids(ids)`` sync once, not once per layer. The
+replicated-batch layout (``task_ids=None``) needs none. Under torch.compile the values cannot be read while
+tracing: the same range and count checks become an in-graph assertion (a RuntimeError on the CPU, a device-side
+assert on a GPU); on meta tensors, which hold no values, they are skipped.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +28,8 @@ class TaskLayout:
     """How the batch is split into tasks after validation.
 
     task_ids: None for task-major blocks, else an int64 tensor on x's device with values in [0, T).
-    counts: samples per task as a host tuple when it was needed (per-sample ids), else None.
+    counts: samples per task as a host tuple for per-sample ids whose values were read; None for task-major
+    blocks, and for ids that could not be read (under torch.compile, on meta tensors).
     """
 
     num_tasks: int
@@ -113,11 +120,56 @@ def check_task_layout(x: Tensor, task_ids: object, num_tasks: int, op: str, *,
                          f"{tuple(task_ids.shape)}")
     if task_ids.device != x.device:
         raise ValueError(f"{op}: task_ids is on {task_ids.device} but the input is on {x.device}")
-    counts = task_counts(task_ids, num_tasks).tolist()  # the one host sync of this path
-    if counts[0] or counts[-1]:
-        lo, hi = torch.aminmax(task_ids)
-        raise ValueError(f"{op}: task_ids must lie in [0, {num_tasks}), got values in [{int(lo)}, {int(hi)}]")
-    return TaskLayout(num_tasks, task_ids.long(), tuple(counts[1:-1]))
+    if torch.compiler.is_compiling():
+        return TaskLayout(num_tasks, task_ids.long(), None)
+    if task_ids.device.type == "meta":
+        return TaskLayout(num_tasks, task_ids.long(), None)
+    counts = _checked_counts.get(task_ids, num_tasks)
+    if counts is None:
+        counts = task_counts(task_ids, num_tasks).tolist()  # the one host sync of this path
+        if counts[0] or counts[-1]:
+            lo, hi = torch.aminmax(task_ids)
+            raise ValueError(f"{op}: task_ids must lie in [0, {num_tasks}), got values in [{int(lo)}, {int(hi)}]")
+        counts = tuple(counts[1:-1])
+        _checked_counts.put(task_ids, num_tasks, counts)
+    return TaskLayout(num_tasks, task_ids.long(), counts)
+
+
+def assert_task_layout_in_graph(layout: TaskLayout, spatial: int, training: bool, op: str) -> None:
+    """The range (and, in training, more-than-one-value) checks of ids that could not be read on the host, as an
+    assertion inside the traced graph."""
+    ids = layout.task_ids
+    if ids is None or layout.counts is not None or ids.device.type == "meta":
+        return
+    T = layout.num_tasks
+    in_range = ((ids >= 0) & (ids < T)).all()
+    torch._assert_async(in_range, f"{op}: task_ids must lie in [0, {T})")
+    if training:
+        counts = torch.zeros(T, dtype=torch.int64, device=ids.device).index_add(0, ids.clamp(0, T - 1),
+                                                                                torch.ones_like(ids))
+        torch._assert_async((counts * spatial != 1).all(), f"{op}: expected more than 1 value per channel when "
+                            "training, got a task with a single value per channel")
+
+
+class _LastCheckedIds:
+    """The per-task counts of the last task_ids tensor that passed the range check, while it is unchanged."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, ids: Tensor, num_tasks: int) -> tuple[int, ...] | None:
+        entry = self._entry
+        if entry is None or ids.is_inference():
+            return None
+        ref, version, tasks, counts = entry
+        return counts if ref() is ids and version == ids._version and tasks == num_tasks else None
+
+    def put(self, ids: Tensor, num_tasks: int, counts: tuple[int, ...]) -> None:
+        if not ids.is_inference():  # inference tensors track no version, so a change could not be seen
+            self._entry = (weakref.ref(ids), ids._version, num_tasks, counts)
+
+
+_checked_counts = _LastCheckedIds()
 
 
 def check_scalars(op: str, eps: object, gate: object, momentum: object = 0.1,
@@ -160,15 +212,14 @@ def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_t
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked")
     layout = check_task_layout(x, task_ids, num_tasks, op)
-    if training:
-        spatial = x[0, 0].numel() if x.shape[0] and x.shape[1] else 0
+    spatial = math.prod(x.shape[2:])
+    if training and (layout.counts is not None or layout.task_ids is None):
         per_task = layout.counts if layout.counts is not None else (x.shape[0] // num_tasks,) * num_tasks
         for t, n in enumerate(per_task):
             if n * spatial == 1:
                 raise ValueError(f"{op}: expected more than 1 value per channel when training, got input size "
                                  f"{tuple(x.shape)} with {n} sample(s) of task {t}")
-        if x.numel() == 0:
-            raise ValueError(f"{op}: cannot normalise an empty input of shape {tuple(x.shape)} when training")
+    assert_task_layout_in_graph(layout, spatial, training, op)
     return layout
 
 
@@ -190,4 +241,6 @@ def check_layer_norm(x, weight, bias, task_ids, num_tasks, eps, gate, op: str = 
                          f"{tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         check_param(name, t, (num_tasks,) + normalized_shape, x, op)
-    return check_task_layout(x, task_ids, num_tasks, op)
+    layout = check_task_layout(x, task_ids, num_tasks, op)
+    assert_task_layout_in_graph(layout, 0, False, op)
+    return layout
