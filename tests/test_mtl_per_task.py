@@ -70,17 +70,27 @@ def test_one_backward_equals_autograd_and_single_task_passes(dtype, tol):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
-def test_one_backward_under_autocast():
+def test_one_backward_under_autocast(monkeypatch):
+    """The per-block weight gradients run in the autocast dtype, as the ordinary backward's do (not in float32,
+    which would be slower on a GPU and differ from what the T-pass fallback computes)."""
     net, x, targets, shared = setup()
+    weight_grad_dtypes = []
+    conv2d_weight = torch.nn.grad.conv2d_weight
+
+    def spy(x, shape, dy, **kwargs):
+        weight_grad_dtypes.append((x.dtype, dy.dtype))
+        return conv2d_weight(x, shape, dy, **kwargs)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
             losses = net.losses(x, targets)
         G, _ = capture.gradients(losses)
         G_auto = mtl.autograd_gradients(net.losses(x, targets), shared)
     assert G.dtype == torch.float32
-    cos = torch.nn.functional.cosine_similarity(G, G_auto, dim=1)
-    assert (cos > 0.99).all(), cos
-    torch.testing.assert_close(G.norm(dim=1), G_auto.norm(dim=1), rtol=0.05, atol=1e-3)
+    assert weight_grad_dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
+    relative = (G - G_auto).norm(dim=1) / G_auto.norm(dim=1)
+    assert (relative < 1e-2).all(), relative
 
 
 def test_one_backward_rejects_non_replicated_layers():

@@ -120,9 +120,12 @@ class OneBackward:
 
 
 def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    """Weight and bias gradients of each of the T task blocks: [T, *weight.shape], [T, out]."""
+    """Weight and bias gradients of each of the T task blocks: [T, *weight.shape], [T, out].
+
+    Computed in the dtype the layer ran in, which its output gradient has: under autocast the ordinary backward
+    forms the weight gradient from the cast input in that dtype too (and at its speed), then widens it."""
     rows = x.shape[0] // T
-    dy = dy.to(x.dtype) if dy.dtype != x.dtype else dy
+    x = x.to(dy.dtype)
     if isinstance(module, nn.Linear):
         xb = x.reshape(T, -1, x.shape[-1])
         gb = dy.reshape(T, -1, dy.shape[-1])
