@@ -188,3 +188,17 @@ def test_convert_layernorm_gate_none_reproduces_the_model_and_sigmoid_inits():
     assert not torch.allclose(drawn[1].weight[0], drawn[1].weight[1])
     with pytest.raises(ValueError, match="gate_init"):
         tk.convert_layernorm(model, 2, gate_init="zeros")
+
+
+def test_a_shared_norm_stays_one_shared_layer():
+    """A norm used twice (or registered under two names) becomes one task-specific layer, not a converted copy
+    and a leftover nn.BatchNorm2d (named_children() yields such a module once)."""
+    bn, ln = nn.BatchNorm2d(4), nn.LayerNorm(4)
+    body = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn)
+    model = nn.ModuleDict({"a": body, "b": nn.Sequential(bn), "ln1": ln, "ln2": ln})
+    tk.convert_batchnorm(model, num_tasks=2)
+    tk.convert_layernorm(model, num_tasks=2)
+    assert isinstance(body[1], tk.TSBatchNorm2d)
+    assert body[1] is body[4] is model["b"][0]
+    assert isinstance(model["ln1"], tk.TSLayerNorm) and model["ln1"] is model["ln2"]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())

@@ -1,6 +1,8 @@
 """Turn an existing (single- or hard-shared multi-task) model into a task-specific-norm model."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -45,15 +47,33 @@ def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     """
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_batchnorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
-    target = _target_class(module)
-    if target is not None:
-        return _convert_one(module, target, num_tasks, gate, bias, gate_init, backend, activation)
-    for name, child in module.named_children():
-        converted = convert_batchnorm(child, num_tasks, gate, bias, gate_init=gate_init, backend=backend,
-                                      activation=activation)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        target = _target_class(m)
+        return None if target is None else _convert_one(m, target, num_tasks, gate, bias, gate_init, backend,
+                                                        activation)
+
+    return _replace_modules(module, convert, {})
+
+
+def _replace_modules(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None],
+                     memo: dict[int, nn.Module]) -> nn.Module:
+    """``convert(module)``, or, where that is None, ``module`` with its submodules replaced the same way, in place.
+    A module reached more than once (used twice, or shared by two parents) becomes one converted module, so it
+    stays one shared layer."""
+    if id(module) in memo:
+        return memo[id(module)]
+    converted = convert(module)
+    if converted is None:
+        # _modules, not named_children(), which yields a module registered under two names only once.
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                new = _replace_modules(child, convert, memo)
+                if new is not child:
+                    setattr(module, name, new)
+        converted = module
+    memo[id(module)] = converted
+    return converted
 
 
 def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
@@ -95,13 +115,12 @@ def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     has a bias (``bias=None`` means: a bias for ``gate="none"``, none for ``gate="sigmoid"``)."""
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_layernorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
-    if isinstance(module, nn.LayerNorm):
-        return _convert_layer_norm(module, num_tasks, gate, bias, gate_init, backend)
-    for name, child in module.named_children():
-        converted = convert_layernorm(child, num_tasks, gate, bias, gate_init=gate_init, backend=backend)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        return _convert_layer_norm(m, num_tasks, gate, bias, gate_init, backend) if isinstance(m, nn.LayerNorm) \
+            else None
+
+    return _replace_modules(module, convert, {})
 
 
 def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
