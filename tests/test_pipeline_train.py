@@ -47,6 +47,21 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(value, split["model"][key]), key
 
 
+def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_path, capsys):
+    assert run("cityscapes", tmp_path, "--epochs", "1") == 0
+    saved = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "config.json")}
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run("cityscapes", tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit, match=r"started with --norm 'tssigmabn' \(now 'bn'\)"):
+        run("cityscapes", tmp_path, "--epochs", "2", "--norm", "bn", "--resume")
+    with pytest.raises(SystemExit, match="--width 4 \\(now 8\\)"):
+        train.main(["cityscapes", "--out", str(tmp_path), "--width", "8", "--resume", *TINY["cityscapes"]])
+    for name, content in saved.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert run("cityscapes", tmp_path, "--epochs", "2", "--lr", "1e-3", "--resume") == 0
+    assert "resuming with changed settings" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = train.dense_losses

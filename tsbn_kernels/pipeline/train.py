@@ -9,8 +9,9 @@ Writes to --out: config.json, checkpoint.pt (atomic, every epoch: model, optimiz
 metrics.json and metrics.csv (per epoch: train losses, validation metrics, Δm), plots/ (loss curves, per-task
 metrics, gate histograms) and analysis/record.npz (gates and Gramians for tsbn-analyze). ``--resume`` continues
 from checkpoint.pt; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and
-augmentation are a function of seed and epoch). A NaN/Inf loss stops the run with a message; the last good
-checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
+augmentation are a function of seed and epoch); it refuses a run started with another model or optimizer, and
+a new run refuses a directory that already holds a checkpoint. A NaN/Inf loss stops the run with a message; the
+last good checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
 OUT/data first. Under torchrun (gloo on the CPU, nccl on GPUs) every norm's statistics span all processes and
 the per-task gradients are averaged across them before aggregation, so R processes with --batch N train as one
 process with --batch R·N (pipeline.distributed); rank 0 evaluates and writes the files.
@@ -218,8 +219,42 @@ def main(argv: list[str] | None = None) -> int:
         dist_mod.teardown(context)
 
 
+# Settings that shape the model or the optimizer state: a checkpoint cannot continue under other values.
+RESUME_MUST_MATCH = ("benchmark", "norm", "width", "arch", "size", "dtype", "optimizer")
+RESUME_FREE = ("resume", "epochs", "steps", "out")   # what a resume is expected to change
+
+
+def check_run_directory(args, out: pathlib.Path) -> None:
+    """Never overwrite a run by accident, and resume only the run that was started here. Raises SystemExit."""
+    checkpoint = out / "checkpoint.pt"
+    if not args.resume:
+        if checkpoint.exists():
+            raise SystemExit(f"tsbn-train: {out} already holds a run ({checkpoint.name}); pass --resume to continue "
+                             "it, or choose another --out (or delete that directory) to start a new one")
+        return
+    if not checkpoint.exists():
+        raise SystemExit(f"tsbn-train: --resume but {checkpoint} does not exist")
+    try:
+        previous = json.loads((out / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"tsbn-train: --resume needs {out / 'config.json'} of the run that wrote the checkpoint: "
+                         f"{exc}") from None
+    current = vars(args)
+    clash = [f"--{k.replace('_', '-')} {previous.get(k)!r} (now {current[k]!r})" for k in RESUME_MUST_MATCH
+             if previous.get(k) != current[k]]
+    if clash:
+        raise SystemExit(f"tsbn-train: the run in {out} was started with " + ", ".join(clash)
+                         + "; resume it with the same settings, or start a new run in another --out")
+    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
+               if k not in RESUME_FREE and k not in RESUME_MUST_MATCH and previous.get(k) != v]
+    if changed:
+        print("tsbn-train: resuming with changed settings (the run will not reproduce an uninterrupted one): "
+              + "; ".join(changed), file=sys.stderr)
+
+
 def train(args, context: dist_mod.Context) -> int:
     out = pathlib.Path(args.out)
+    check_run_directory(args, out)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
     torch.manual_seed(args.seed)
@@ -249,8 +284,6 @@ def train(args, context: dist_mod.Context) -> int:
     # consumes the global RNG (rank 0's evaluation, DataLoader seeds), and a resume continues its stream.
     aggregator_rng = torch.Generator(device).manual_seed(args.seed)
     if args.resume:
-        if not (out / "checkpoint.pt").exists():
-            raise SystemExit(f"tsbn-train: --resume but {out / 'checkpoint.pt'} does not exist")
         state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)   # RNG states live on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
