@@ -148,3 +148,20 @@ def test_loss_weightings():
     w0 = gn.update(torch.tensor([1.0, 1.0]), torch.tensor([10.0, 1.0]))
     w1 = gn.update(torch.tensor([1.0, 1.0]), torch.tensor([10.0, 1.0]) * w0)
     assert abs(w1.sum().item() - 2) < 1e-6 and w1[0] < 1 < w1[1]   # the large-gradient task is damped
+
+
+def test_gradnorm_step_is_the_papers_gradient_of_its_loss():
+    """One update against autograd on L_grad(w) = Σ_t |w_t·n_t − target_t| (target constant), then Σ w = T,
+    fed the weighted norms |∇(w_t·L_t)| that backward_aggregated reports under loss_weights=w."""
+    g = torch.Generator().manual_seed(3)
+    gn = mtl.GradNorm(3, alpha=1.5, lr=0.05)
+    gn.update(torch.tensor([2.0, 1.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))   # sets L(0), moves w off 1
+    w = gn.w.clone().requires_grad_(True)
+    norms = torch.rand(3, generator=g) * 5 + 0.5                             # |∇L_t| of this step
+    losses = torch.tensor([1.5, 0.9, 1.0])
+    rate = losses / torch.tensor([2.0, 1.0, 4.0])
+    target = (w.detach() * norms).mean() * (rate / rate.mean()) ** 1.5
+    (w * norms - target).abs().sum().backward()
+    want = (w.detach() - 0.05 * w.grad).clamp_min(1e-3)
+    want = want * 3 / want.sum()
+    torch.testing.assert_close(gn.update(losses, w.detach() * norms), want)

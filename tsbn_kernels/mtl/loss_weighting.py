@@ -40,22 +40,30 @@ class DynamicWeightAverage:
 
 
 class GradNorm:
-    """GradNorm's task weights: moved so that |w_t·g_t| approaches mean_t(|w_t·g_t|)·r_t^α, r_t the relative
-    inverse training rate L_t/L_t(0) over its mean; renormalised to Σ w = T after each step."""
+    """GradNorm's task weights (Chen et al. 2018): w moves so that each weighted gradient norm |∇(w_t·L_t)|
+    approaches its mean over the tasks times r_t^α, r_t = (L_t / L_t(0)) / mean_u(L_u / L_u(0)) the relative
+    inverse training rate; then Σ w = T again.
+
+    Feed it what ``backward_aggregated(..., loss_weights=gradnorm.w)`` returns: the unweighted ``losses`` and the
+    ``grad_norms`` of the weighted per-task gradients. The step is plain gradient descent on
+    Σ_t |w_t·n_t − target_t| with the target held constant, as in the paper (n_t = |∇L_t|, so that
+    d|w_t·n_t|/dw_t = n_t). Stays on the inputs' device; no host synchronisation.
+    """
 
     def __init__(self, num_tasks: int, alpha: float = 1.5, lr: float = 0.025):
         self.alpha, self.lr = alpha, lr
         self.w = torch.ones(num_tasks)
         self.initial_losses: Tensor | None = None
 
-    def update(self, losses: Tensor, grad_norms: Tensor) -> Tensor:
-        losses, grad_norms = losses.detach().float().cpu(), grad_norms.detach().float().cpu()
+    def update(self, losses: Tensor, weighted_grad_norms: Tensor) -> Tensor:
+        losses = losses.detach().float()
+        weighted = weighted_grad_norms.detach().float()
+        w = self.w.to(losses.device)
         if self.initial_losses is None:
             self.initial_losses = losses.clamp_min(1e-12)
         rate = losses / self.initial_losses
-        target = (self.w * grad_norms).mean() * (rate / rate.mean()) ** self.alpha
-        # d/dw_t Σ|w·n − target| with the target held constant, as in the paper.
-        grad = torch.sign(self.w * grad_norms - target) * grad_norms
-        self.w = (self.w - self.lr * grad).clamp_min(1e-3)
-        self.w = self.w * (len(self.w) / self.w.sum())
+        target = weighted.mean() * (rate / rate.mean()) ** self.alpha
+        unweighted = weighted / w                     # n_t = |∇L_t|; w stays ≥ 1e-3, so this is safe
+        w = (w - self.lr * torch.sign(weighted - target) * unweighted).clamp_min(1e-3)
+        self.w = w * (len(w) / w.sum())
         return self.w.clone()

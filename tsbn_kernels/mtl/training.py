@@ -22,7 +22,7 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     ``shared_params``. ``task_params`` (heads, task-specific norms) get their ordinary gradient of
     Σ_t loss_weights[t]·losses[t]. Gradients accumulate into .grad, as backward() does.
     Returns {"weights": w [T], "gramian": M [T, T], "grad_norms": |g_t| [T], "losses": [T]} for logging and
-    GradNorm.
+    GradNorm: g_t is the gradient of the weighted loss loss_weights[t]·L_t, "losses" the unweighted L_t.
 
     ``distributed=True`` (data-parallel training, each process holding a shard of the batch): G and the
     task-parameter gradients are averaged across the processes of ``process_group`` before the Gramian, as
