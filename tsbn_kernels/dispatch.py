@@ -31,6 +31,7 @@ OPS = ("ts_batch_norm", "ts_layer_norm")
 # and its error in ``unavailable_reasons()``.
 _KERNEL_MODULES: tuple[str, ...] = (
     "tsbn_kernels.kernels.cpp_ts_batch_norm",
+    "tsbn_kernels.kernels.aten_ts_layer_norm",
     "tsbn_kernels.kernels.triton_ts_batch_norm",
     "tsbn_kernels.kernels.triton_ts_layer_norm",
 )
