@@ -120,9 +120,7 @@ def check_task_layout(x: Tensor, task_ids: object, num_tasks: int, op: str, *,
                          f"{tuple(task_ids.shape)}")
     if task_ids.device != x.device:
         raise ValueError(f"{op}: task_ids is on {task_ids.device} but the input is on {x.device}")
-    if torch.compiler.is_compiling():
-        return TaskLayout(num_tasks, task_ids.long(), None)
-    if task_ids.device.type == "meta":
+    if torch.compiler.is_compiling() or task_ids.device.type == "meta":   # values not readable here
         return TaskLayout(num_tasks, task_ids.long(), None)
     counts = _checked_counts.get(task_ids, num_tasks)
     if counts is None:
