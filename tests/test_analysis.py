@@ -111,3 +111,13 @@ def test_cli_on_run_directory_and_checkpoint(tmp_path, capsys):
     (tmp_path / "broken.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint .*broken.pt"):
         analysis.main([str(tmp_path / "broken.pt")])
+
+
+def test_cli_says_when_a_run_has_no_gates(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    torch.save({"model": model.state_dict(), "step": 1}, tmp_path / "checkpoint.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"norm": "bn", "num_tasks": 2}))
+    with pytest.raises(SystemExit, match="--norm bn .*no task-specific gates"):
+        analysis.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="checkpoint.pt: no task-specific norm gates"):
+        analysis.main([str(tmp_path / "checkpoint.pt")])

@@ -53,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = _load_state(args.path)
         out = args.out or args.path.parent / f"{args.path.stem}_analysis"
+    if config.get("norm") == "bn":
+        raise SystemExit(f"tsbn-analyze: {args.path} was trained with --norm bn (hard sharing): it has no "
+                         "task-specific gates to analyse")
     gate = args.gate or ("none" if config.get("norm") == "tsbn" else "sigmoid")
-    layers = gates_from_state_dict(state, gate=gate, num_tasks=config.get("num_tasks"))
+    try:
+        layers = gates_from_state_dict(state, gate=gate, num_tasks=config.get("num_tasks"))
+    except ValueError as exc:
+        raise SystemExit(f"tsbn-analyze: {args.path}: {exc}") from None
     report = write_report(layers, out, tau=args.tau, record=record, task_names=config.get("task_names"),
                           title=f"Gate analysis: {args.path}")
     print(f"{len(layers)} gated layers, {layers[0].num_tasks} tasks -> {report}")
