@@ -62,6 +62,21 @@ def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_pa
     assert "resuming with changed settings" in capsys.readouterr().err
 
 
+def test_missing_or_corrupt_data_is_one_line_naming_the_file(tmp_path, capsys):
+    from tsbn_kernels.pipeline import data
+
+    assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "4", "--size", "16", "32"]) == 0
+    assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "2", "--size", "16", "32",
+                      "--split", "val"]) == 0
+    (tmp_path / "d" / "train" / "depth" / "1.npy").write_bytes(b"not an array")
+    assert run("cityscapes", tmp_path / "run", "--data", str(tmp_path / "d"), "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tsbn-train: corrupt data file") and "depth/1.npy" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert run("cityscapes", tmp_path / "run2", "--data", str(tmp_path / "nowhere"), "--epochs", "1") == 2
+    assert "tsbn-train: cityscapes: no image folder" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real = train.dense_losses

@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .errors import DatasetError
+
 ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
     "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -40,25 +42,25 @@ class CelebA(torch.utils.data.Dataset):
         self.root, self.size = pathlib.Path(root), size
         attr_lines = _read_lines(self.root / "list_attr_celeba.txt")
         if len(attr_lines) < 2 or len(attr_lines[1].split()) != 40:
-            raise ValueError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 must name the 40 "
-                             "attributes")
+            raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 must name the 40 "
+                               "attributes")
         attributes = {}
         for number, line in enumerate(attr_lines[2:], start=3):
             fields = line.split()
             if len(fields) != 41 or any(f not in ("1", "-1") for f in fields[1:]):
-                raise ValueError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'} line {number}: "
-                                 f"expected a file name and 40 values of ±1")
+                raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'} line {number}: "
+                                   f"expected a file name and 40 values of ±1")
             attributes[fields[0]] = [int(f) > 0 for f in fields[1:]]
         partition = {}
         for number, line in enumerate(_read_lines(self.root / "list_eval_partition.txt"), start=1):
             fields = line.split()
             if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                raise ValueError(f"corrupt CelebA file {self.root / 'list_eval_partition.txt'} line {number}")
+                raise DatasetError(f"corrupt CelebA file {self.root / 'list_eval_partition.txt'} line {number}")
             partition[fields[0]] = int(fields[1])
         self.files = sorted(f for f, p in partition.items() if p == SPLITS[split])
         missing = [f for f in self.files if f not in attributes]
         if missing:
-            raise ValueError(f"CelebA: {missing[0]} is in list_eval_partition.txt but not in list_attr_celeba.txt")
+            raise DatasetError(f"CelebA: {missing[0]} is in list_eval_partition.txt but not in list_attr_celeba.txt")
         self.attributes = attributes
 
     def __len__(self) -> int:
@@ -74,7 +76,7 @@ class CelebA(torch.utils.data.Dataset):
                 img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
                 pixels = np.asarray(img, dtype=np.float32) / 255.0
         except OSError as exc:
-            raise ValueError(f"corrupt CelebA image {path}: {exc}") from exc
+            raise DatasetError(f"corrupt CelebA image {path}: {exc}") from exc
         return {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
                 "attributes": torch.tensor(self.attributes[name], dtype=torch.float32)}
 

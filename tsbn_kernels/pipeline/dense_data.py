@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import DatasetError
+
 
 @dataclass(frozen=True)
 class DenseSpec:
@@ -39,10 +41,10 @@ def _load(path: pathlib.Path, shape_tail: tuple[int, ...] | None) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"corrupt data file {path}: {exc}") from exc
+        raise DatasetError(f"corrupt data file {path}: {exc}") from exc
     if shape_tail is not None and tuple(array.shape[2:]) != shape_tail:
         expected = "".join(f", {s}" for s in shape_tail)
-        raise ValueError(f"data file {path} has shape {array.shape}, expected (H, W{expected})")
+        raise DatasetError(f"data file {path} has shape {array.shape}, expected (H, W{expected})")
     return array
 
 
@@ -89,7 +91,7 @@ class DenseDataset(torch.utils.data.Dataset):
             out["normal"] = torch.from_numpy(np.ascontiguousarray(normal, dtype=np.float32)).permute(2, 0, 1)
         shapes = {k: tuple(v.shape[-2:]) for k, v in out.items()}
         if len(set(shapes.values())) != 1:
-            raise ValueError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
+            raise DatasetError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
         if not self.augment:
             return out
         return random_scale_flip(out, sample_generator(self.seed, self.epoch, item))

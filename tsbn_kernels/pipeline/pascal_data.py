@@ -46,6 +46,7 @@ from PIL import Image
 from torch import Tensor
 
 from .dense_data import sample_generator
+from .errors import DatasetError
 
 TASKS = ("segmentation", "human_parts", "saliency", "normal", "edge")
 NUM_CLASSES = {"segmentation": 21, "human_parts": 7}
@@ -77,7 +78,7 @@ def _open_image(path: pathlib.Path, mode: str | None) -> np.ndarray:
             img.load()
             return np.asarray(img if mode is None else img.convert(mode))
     except _IMAGE_ERRORS as exc:
-        raise ValueError(f"corrupt PASCAL-Context file {path}: {exc}") from exc
+        raise DatasetError(f"corrupt PASCAL-Context file {path}: {exc}") from exc
 
 
 def _load_mat(path: pathlib.Path, key: str) -> np.ndarray:
@@ -86,9 +87,9 @@ def _load_mat(path: pathlib.Path, key: str) -> np.ndarray:
     try:
         content = scipy.io.loadmat(path)
     except _MAT_ERRORS as exc:
-        raise ValueError(f"corrupt PASCAL-Context file {path}: {exc}") from exc
+        raise DatasetError(f"corrupt PASCAL-Context file {path}: {exc}") from exc
     if key not in content:
-        raise ValueError(f"corrupt PASCAL-Context file {path}: no variable {key!r}")
+        raise DatasetError(f"corrupt PASCAL-Context file {path}: no variable {key!r}")
     return content[key]
 
 
@@ -106,13 +107,13 @@ def decode_human_parts(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray
             for part in obj[3][0]:
                 name = str(part[0][0])
                 if name not in HUMAN_PARTS:
-                    raise ValueError(f"unknown human part name {name!r}")
+                    raise DatasetError(f"unknown human part name {name!r}")
                 mask = np.asarray(part[1])
                 if mask.shape != target.shape:
-                    raise ValueError(f"part {name!r} mask is {mask.shape}, the person mask {target.shape}")
+                    raise DatasetError(f"part {name!r} mask is {mask.shape}, the person mask {target.shape}")
                 target[mask.astype(bool)] = HUMAN_PARTS[name]
     except (IndexError, TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"corrupt PASCAL-Context file {path}: not the PASCAL-Part anno structure ({exc})") from exc
+        raise DatasetError(f"corrupt PASCAL-Context file {path}: not the PASCAL-Part anno structure ({exc})") from exc
     return np.full(shape, -1, dtype=np.int64) if target is None else target
 
 
@@ -150,7 +151,7 @@ class PascalContext(torch.utils.data.Dataset):
                                     f"layout under {self.root}: {', '.join(f + '/' for f in FOLDERS)})")
         self.ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not self.ids:
-            raise ValueError(f"PASCAL-Context: split list {listing} names no image")
+            raise DatasetError(f"PASCAL-Context: split list {listing} names no image")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -177,23 +178,23 @@ class PascalContext(torch.utils.data.Dataset):
 
         def same_size(key: str, array: np.ndarray) -> np.ndarray:
             if array.shape[:2] != shape:
-                raise ValueError(f"PASCAL-Context file {paths[key]} is {array.shape[0]}×{array.shape[1]}, its image "
-                                 f"{paths['image']} {shape[0]}×{shape[1]}")
+                raise DatasetError(f"PASCAL-Context file {paths[key]} is {array.shape[0]}×{array.shape[1]}, its image "
+                                   f"{paths['image']} {shape[0]}×{shape[1]}")
             return array
 
         semseg = _open_image(paths["segmentation"], None)
         if semseg.ndim != 2:
-            raise ValueError(f"corrupt PASCAL-Context file {paths['segmentation']}: expected an 8-bit palette or grey "
-                             f"PNG, got {semseg.ndim} dimensions {semseg.shape}")
+            raise DatasetError(f"corrupt PASCAL-Context file {paths['segmentation']}: expected an 8-bit palette or "
+                               f"grey PNG, got {semseg.ndim} dimensions {semseg.shape}")
         semseg = same_size("segmentation", semseg).astype(np.int64)
         bad = (semseg >= NUM_CLASSES["segmentation"]) & (semseg != IGNORE)
         if bad.any():
-            raise ValueError(f"corrupt PASCAL-Context file {paths['segmentation']}: value {int(semseg[bad][0])} is no "
-                             f"class 0..20 nor 255")
+            raise DatasetError(f"corrupt PASCAL-Context file {paths['segmentation']}: value {int(semseg[bad][0])} is "
+                               "no class 0..20 nor 255")
         semseg[semseg == IGNORE] = -1
         label_map = _load_mat(paths["label_map"], "LabelMap")
         if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.number):
-            raise ValueError(f"corrupt PASCAL-Context file {paths['label_map']}: LabelMap must be a 2-D integer map")
+            raise DatasetError(f"corrupt PASCAL-Context file {paths['label_map']}: LabelMap must be a 2-D integer map")
         label_map = same_size("label_map", label_map).astype(np.int64)
         parts = same_size("human_parts", decode_human_parts(paths["human_parts"], shape))
         normal = same_size("normal", _open_image(paths["normal"], "RGB")).astype(np.float32) * (2.0 / 255.0) - 1.0

@@ -42,6 +42,7 @@ from ..sync_batch_norm import convert_sync
 from . import celeba_data, pascal_data
 from . import distributed as dist_mod
 from .dense_data import DenseDataset, synthesize
+from .errors import DatasetError
 from .losses import celeba_losses, dense_losses
 from .metrics import BenchmarkMetrics
 from .models import ARCHS, build_model
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     context = dist_mod.setup()
     try:
         return train(args, context)
+    except (FileNotFoundError, DatasetError) as exc:   # the user's files: one line that names them, no traceback
+        print(f"tsbn-train: {exc}", file=sys.stderr)
+        return 2
     finally:
         dist_mod.teardown(context)
 
