@@ -1,6 +1,7 @@
 """Every bad input raises a ValueError or TypeError naming the problem, on every backend available here."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,15 @@ def test_good_call_passes_on_every_backend():
         x, kwargs = good_call(backend=backend)
         weight = kwargs.pop("weight")
         assert tk.ts_batch_norm(x, weight, **kwargs).shape == x.shape
+
+
+def test_numpy_scalars_are_numbers_too():
+    x, kwargs = good_call(eps=np.float32(1e-3), momentum=np.float64(0.3))
+    weight = kwargs.pop("weight")
+    want_x, want = good_call(eps=1e-3, momentum=0.3)
+    want.pop("weight")
+    torch.testing.assert_close(tk.ts_batch_norm(x, weight, **kwargs), tk.ts_batch_norm(want_x, weight, **want))
+    torch.testing.assert_close(kwargs["running_var"], want["running_var"])
 
 
 def test_unavailable_backend_lists_available_ones():

@@ -12,6 +12,7 @@ assert on a GPU); on meta tensors, which hold no values, they are skipped.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -176,9 +177,9 @@ def check_scalars(op: str, eps: object, gate: object, momentum: object = 0.1,
         raise ValueError(f"{op}: gate must be one of {GATES}, got {gate!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
                                  or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"{op}: momentum must be a float in [0, 1] or None (cumulative average), got "
                          f"{momentum!r}")
