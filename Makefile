@@ -9,8 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_CPU_VERSION := 2.13.0
 TRITON_CPU_VERSION := 3.8.0
-TEST_DEPS := numpy scipy matplotlib tqdm pillow pytest pytest-benchmark hypothesis expecttest pybind11 ninja \
-	setuptools wheel
+TEST_DEPS := numpy scipy matplotlib tqdm pillow pytest pytest-benchmark pytest-xdist hypothesis expecttest pybind11 \
+	ninja setuptools wheel
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 # Triton kernels run on the CPU through Triton's interpreter when no GPU is visible.
 # Deferred (=): evaluated when a test recipe runs, after the venv exists.
@@ -57,8 +57,10 @@ test-cpp: $(VENV)/.deps-stamp
 	cmake --build build/cmake -j2 >> build-cmake.log 2>&1 || { cat build-cmake.log; exit 1; }
 	ctest --test-dir build/cmake --output-on-failure
 
+# One pytest worker per core (pytest-xdist): the suite is CPU-bound and its tests are independent.
+TEST_WORKERS ?= auto
 test-python: build
-	$(PYTEST_ENV) TSBN_CMAKE_LIB=$(CURDIR)/build/cmake/libtsbn_ops.so $(PY) -m pytest tests -q
+	$(PYTEST_ENV) TSBN_CMAKE_LIB=$(CURDIR)/build/cmake/libtsbn_ops.so $(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 bench-smoke: build
 	$(PYTEST_ENV) TSBN_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q -p no:randomly --benchmark-columns=median,rounds
