@@ -12,6 +12,7 @@ Fallback (any model): T autograd passes, one per task loss.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -136,21 +137,21 @@ def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[
     transposed copy of x and dy, one call)."""
     rows = x.shape[0] // T
     x = x.to(dy.dtype)
-    blocks_dy = dy.reshape(T, rows, *dy.shape[1:])   # splitting the batch dimension is a view in every layout
     if isinstance(module, nn.Linear):
         xb = x.reshape(T, -1, x.shape[-1])
         gb = dy.reshape(T, -1, dy.shape[-1])
         return torch.bmm(gb.transpose(1, 2), xb), gb.sum(dim=1)
+    # Splitting the batch dimension into [T, rows] is a view in every memory format.
+    blocks_x, blocks_dy = x.reshape(T, rows, *x.shape[1:]), dy.reshape(T, rows, *dy.shape[1:])
     bias = blocks_dy.sum(dim=(1, *range(3, blocks_dy.dim())))
     weight_grad_fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                       3: torch.nn.grad.conv3d_weight}[module.weight.dim() - 2]
     conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    if rows * dy[0, 0].numel() * module.weight.numel() >= LOOP_MIN_BLOCK_MACS:
-        blocks_x = x.reshape(T, rows, *x.shape[1:])
+    if rows * math.prod(dy.shape[2:]) * module.weight.numel() >= LOOP_MIN_BLOCK_MACS:
         return torch.stack([weight_grad_fn(blocks_x[t], module.weight.shape, blocks_dy[t], groups=module.groups,
                                            **conv) for t in range(T)]), bias
     # The T blocks become T·groups groups of one convolution: [rows, T·C, *spatial] ⊛ [rows, T·O, *spatial].
-    xg = x.reshape(T, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, T * x.shape[1], *x.shape[2:])
+    xg = blocks_x.transpose(0, 1).reshape(rows, T * x.shape[1], *x.shape[2:])
     gg = blocks_dy.transpose(0, 1).reshape(rows, T * dy.shape[1], *dy.shape[2:])
     grouped_shape = (T * module.weight.shape[0], *module.weight.shape[1:])
     wg = weight_grad_fn(xg, grouped_shape, gg, groups=module.groups * T, **conv)
