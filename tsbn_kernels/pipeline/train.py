@@ -244,8 +244,8 @@ def check_run_directory(args, out: pathlib.Path) -> None:
         raise SystemExit(f"tsbn-train: --resume needs {out / 'config.json'} of the run that wrote the checkpoint: "
                          f"{exc}") from None
     current = vars(args)
-    clash = [f"--{k.replace('_', '-')} {previous.get(k)!r} (now {current[k]!r})" for k in RESUME_MUST_MATCH
-             if previous.get(k) != current[k]]
+    clash = [f"{'' if k == 'benchmark' else '--'}{k.replace('_', '-')} {previous.get(k)!r} (now {current[k]!r})"
+             for k in RESUME_MUST_MATCH if previous.get(k) != current[k]]
     if clash:
         raise SystemExit(f"tsbn-train: the run in {out} was started with " + ", ".join(clash)
                          + "; resume it with the same settings, or start a new run in another --out")
