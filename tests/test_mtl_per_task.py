@@ -103,6 +103,19 @@ def test_one_backward_under_autocast(monkeypatch, conv_split):
     assert (relative < 1e-2).all(), relative
 
 
+def test_one_backward_around_a_compiled_model():
+    """The recording hooks run outside torch.compile's graph: traced, they would record graph outputs cut off from
+    the losses, and every per-task gradient would come out zero."""
+    net, x, targets, shared = setup()
+    G_auto = mtl.autograd_gradients(net.losses(x, targets), shared)
+    compiled = torch.compile(net, backend="aot_eager")
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        feats = compiled(x.repeat(T, 1, 1, 1)).view(T, N, -1)
+        losses = torch.stack([((net.heads[t](feats[t]).squeeze(1) - targets[t]) ** 2).mean() for t in range(T)])
+    G, _ = capture.gradients(losses)
+    torch.testing.assert_close(G, G_auto, rtol=1e-5, atol=1e-6)
+
+
 def test_one_backward_rejects_non_replicated_layers():
     net, x, targets, _ = setup()
     with pytest.raises(ValueError, match="not divisible"):

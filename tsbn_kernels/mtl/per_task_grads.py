@@ -80,6 +80,10 @@ class OneBackward:
             h.remove()
         self._handles = []
 
+    # Never traced: inside a torch.compile'd model a traced hook would record tensors that the graph hands out as
+    # extra outputs, cut off from the autograd path to the losses (every per-task gradient silently zero). Disabled,
+    # the hook splits the graph there and records the real output.
+    @torch.compiler.disable
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         x = inputs[0]
         if x.shape[0] % self.num_tasks:
