@@ -116,6 +116,29 @@ def test_one_backward_around_a_compiled_model():
     torch.testing.assert_close(G, G_auto, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_one_backward_with_activation_checkpointing(reentrant):
+    """Non-reentrant checkpointing keeps the recorded outputs on the autograd path; the reentrant form runs the
+    forward without autograd, which OneBackward must refuse by name rather than return zeros."""
+    from torch.utils.checkpoint import checkpoint
+
+    net, x, targets, shared = setup()
+    G_auto = mtl.autograd_gradients(net.losses(x, targets), shared)
+
+    def losses():
+        feats = checkpoint(net, x.repeat(T, 1, 1, 1), use_reentrant=reentrant).view(T, N, -1)
+        return torch.stack([((net.heads[t](feats[t]).squeeze(1) - targets[t]) ** 2).mean() for t in range(T)])
+    if reentrant:
+        with pytest.raises(ValueError, match="use_reentrant=False"), pytest.warns(UserWarning):
+            with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]):
+                losses()
+        return
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        task_losses = losses()
+    G, _ = capture.gradients(task_losses)
+    torch.testing.assert_close(G, G_auto, rtol=1e-5, atol=1e-6)
+
+
 def test_one_backward_rejects_non_replicated_layers():
     net, x, targets, _ = setup()
     with pytest.raises(ValueError, match="not divisible"):

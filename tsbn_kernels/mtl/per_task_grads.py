@@ -91,7 +91,8 @@ class OneBackward:
                              f"{self.num_tasks} task blocks; run every shared layer on the replicated batch")
         if not output.requires_grad:
             raise ValueError(f"the output of {type(module).__name__} does not require grad; OneBackward needs the "
-                             "shared layers to be trainable")
+                             "shared layers to be trainable and their forward recorded by autograd (not under "
+                             "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False)")
         self._records.append((module, x.detach(), output))
 
     def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
