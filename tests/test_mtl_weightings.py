@@ -182,3 +182,25 @@ def test_weightings_run_without_host_sync_under_cuda_graph_style_trace():
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, backend="eager")
         assert torch.isfinite(compiled(M)).all(), method
+
+
+@pytest.mark.parametrize("method", ["upgrad", "mgda", "nash_mtl", "pcgrad"])
+def test_torch_compile_does_not_unroll_the_solvers(method):
+    """Under torch.compile the weighting runs eagerly: traced, its fixed-iteration loops would unroll into graphs of
+    thousands of nodes (minutes of compilation for microseconds of work)."""
+    graph_sizes = []
+
+    def counting_backend(gm, example_inputs):
+        graph_sizes.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    G = torch.randn(4, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def aggregate(G):   # pcgrad's random task orders from a fresh generator each call, so both calls draw the same
+        kwargs = {"generator": torch.Generator().manual_seed(1)} if method == "pcgrad" else {}
+        return mtl.aggregate(G, method, check_finite=False, **kwargs)
+
+    compiled = torch.compile(aggregate, backend=counting_backend)
+    torch.testing.assert_close(compiled(G), aggregate(G))
+    assert graph_sizes and max(graph_sizes) < 100, graph_sizes

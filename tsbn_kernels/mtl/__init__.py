@@ -24,6 +24,10 @@ __all__ = ["METHODS", "DynamicWeightAverage", "GradNorm", "OneBackward", "Uncert
            "raise_if_nonfinite", "weights"]
 
 
+# Not traced by torch.compile: the solvers are fixed-iteration loops (hundreds of steps on a T×T matrix), which
+# dynamo would unroll into graphs that take minutes to compile (upgrad under inductor: over 400 s) for work that
+# is microseconds. Compiled code calls this eagerly instead; a CUDA graph captured by hand still holds it.
+@torch.compiler.disable
 def weights(M: Tensor, method: str, **kwargs) -> Tensor:
     """The task weights w [T] of ``method`` from the Gramian M [T, T]."""
     if method not in WEIGHTINGS:
