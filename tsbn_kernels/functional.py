@@ -55,9 +55,8 @@ def ts_batch_norm(
             if layout.task_ids is None:
                 num_batches_tracked.add_(int(x.shape[0] > 0))
             else:  # presence counted on the device: no host-to-device copy, so a CUDA graph can capture it
-                counts = torch.zeros_like(num_batches_tracked).index_add(0, layout.task_ids,
-                                                                         torch.ones_like(layout.task_ids))
-                num_batches_tracked.add_((counts > 0).long())
+                present = reference.samples_per_task(layout.task_ids, layout.num_tasks) > 0
+                num_batches_tracked.add_(present.long())
         if momentum is None:
             factor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
     _, impl = dispatch.resolve(backend, x.device, "ts_batch_norm", x, training)

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "gate_values", "task_index", "ts_batch_norm", "ts_batch_norm_with_statistics",
-           "ts_layer_norm"]
+__all__ = ["accumulation_dtype", "gate_values", "samples_per_task", "task_index", "ts_batch_norm",
+           "ts_batch_norm_with_statistics", "ts_layer_norm"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,6 +39,12 @@ def task_index(task_ids: Tensor | None, batch: int, num_tasks: int, device: torc
     if task_ids is not None:
         return task_ids.long()
     return torch.arange(batch, device=device) // (batch // num_tasks)
+
+
+def samples_per_task(ids: Tensor, num_tasks: int) -> Tensor:
+    """int64 [T]: how many samples each task has, counted on ids' device (no host sync; index_add rather than
+    bincount, which has no meta kernel and a data-dependent output size under torch.compile)."""
+    return torch.zeros(num_tasks, dtype=torch.int64, device=ids.device).index_add(0, ids, torch.ones_like(ids))
 
 
 def _per_sample(table: Tensor, ids: Tensor, ndim: int) -> Tensor:
@@ -83,8 +89,7 @@ def ts_batch_norm(
     xa = x.to(acc)
 
     if training:
-        # m_t, elements per channel; index_add rather than bincount, which has no meta (shape-only) kernel
-        counts = torch.zeros(num_tasks, dtype=acc, device=x.device).index_add(0, ids, xa.new_ones(batch)) * spatial
+        counts = samples_per_task(ids, num_tasks).to(acc) * spatial  # m_t, elements per channel
         denom = counts.clamp_min(1).unsqueeze(1)
         # Two passes (mean, then squared deviations): exact for |mean| >> std, unlike E[x²] − E[x]².
         mean = _task_channel_sum(xa, ids, num_tasks) / denom

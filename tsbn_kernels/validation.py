@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .reference import samples_per_task
+
 GATES = ("sigmoid", "none")
 ACTIVATIONS = (None, "relu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -144,8 +146,7 @@ def assert_task_layout_in_graph(layout: TaskLayout, spatial: int, training: bool
     in_range = ((ids >= 0) & (ids < T)).all()
     torch._assert_async(in_range, f"{op}: task_ids must lie in [0, {T})")
     if training:
-        counts = torch.zeros(T, dtype=torch.int64, device=ids.device).index_add(0, ids.clamp(0, T - 1),
-                                                                                torch.ones_like(ids))
+        counts = samples_per_task(ids.clamp(0, T - 1), T)
         torch._assert_async((counts * spatial != 1).all(), f"{op}: expected more than 1 value per channel when "
                             "training, got a task with a single value per channel")
 
