@@ -44,3 +44,11 @@ inline bool cpu_runs_avx2() {
 inline const char* cpu_isa() { return cpu_runs_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace tsbn
+
+// The kernel table (a kernel file's struct of function pointers) of the build that runs on this CPU. A macro, so
+// that the AVX2 table is not named where it is not built.
+#if TSBN_CPU_HAS_AVX2
+#define TSBN_CPU_KERNELS_FOR_THIS_CPU(baseline, avx2) (::tsbn::cpu_runs_avx2() ? (avx2) : (baseline))
+#else
+#define TSBN_CPU_KERNELS_FOR_THIS_CPU(baseline, avx2) (baseline)
+#endif

@@ -198,25 +198,16 @@ TSBN_CPU_AVX2_END
 #else
 extern const CpuGramianKernels kBaselineCpuGramianKernels = {&gramian_cpu, &combine_cpu};
 
-namespace {
-
-const CpuGramianKernels& kernels_for_this_cpu() {
-#if TSBN_CPU_HAS_AVX2
-  if (cpu_runs_avx2()) return kAvx2CpuGramianKernels;
-#endif
-  return kBaselineCpuGramianKernels;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   m.def("gramian(Tensor G) -> Tensor");
   m.def("combine(Tensor G, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
-  m.impl("gramian", kernels_for_this_cpu().gramian);
-  m.impl("combine", kernels_for_this_cpu().combine);
+  const CpuGramianKernels& kernels =
+      TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuGramianKernels, kAvx2CpuGramianKernels);
+  m.impl("gramian", kernels.gramian);
+  m.impl("combine", kernels.combine);
 }
 
 }  // namespace tsbn

@@ -847,25 +847,15 @@ TSBN_CPU_AVX2_END
 #else
 extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
 
-namespace {
-
-const CpuBatchNormKernels& kernels_for_this_cpu() {
-#if TSBN_CPU_HAS_AVX2
-  if (cpu_runs_avx2()) return kAvx2CpuKernels;
-#endif
-  return kBaselineCpuKernels;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   m.def("ts_bn_cpu_path(Tensor x, Tensor? task_ids, int num_tasks, bool backward) -> str",
-        kernels_for_this_cpu().path);
+        TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels).path);
 }
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
-  m.impl("ts_bn_forward", kernels_for_this_cpu().forward);
-  m.impl("ts_bn_backward", kernels_for_this_cpu().backward);
+  const CpuBatchNormKernels& kernels = TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels);
+  m.impl("ts_bn_forward", kernels.forward);
+  m.impl("ts_bn_backward", kernels.backward);
 }
 
 }  // namespace tsbn
