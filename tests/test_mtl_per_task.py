@@ -141,11 +141,134 @@ def test_one_backward_with_activation_checkpointing(reentrant):
 
 def test_one_backward_rejects_non_replicated_layers():
     net, x, targets, _ = setup()
-    with pytest.raises(ValueError, match="not divisible"):
-        with mtl.OneBackward(net, 5, modules=[net.conv1]):
-            net(x.repeat(T, 1, 1, 1))
+    with pytest.raises(ValueError, match="not divisible into 5 task blocks"):
+        with mtl.OneBackward(net, 5, modules=[net.conv1]) as capture:
+            out = net(x.repeat(T, 1, 1, 1))
+        capture.gradients(out[:5, 0])
     with pytest.raises(ValueError, match="numeric zero padding"):
         mtl.OneBackward(nn.Conv2d(3, 3, 3, padding="same"), 2)
+
+
+def _block_losses(y, num_tasks=T):
+    """Task t's loss from block t of the output alone, each weighted differently so the tasks' gradients differ."""
+    return (y.reshape(num_tasks, -1) ** 2).mean(dim=1) * torch.arange(1, num_tasks + 1, dtype=y.dtype)
+
+
+class TokenNet(nn.Module):
+    """Conv stem, task-specific norms, and Linear layers on [B, L, D] tokens and on the flattened [B·L, D] rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = tk.TSBatchNorm2d(6, T)
+        self.fc_tokens = nn.Linear(6, 5)
+        self.ln = tk.TSLayerNorm(5, T)
+        self.fc_rows = nn.Linear(5, 4)
+
+    def forward(self, x, task_ids=None):
+        h = torch.relu(self.bn(self.conv(x), task_ids))
+        tokens = self.ln(self.fc_tokens(h.flatten(2).transpose(1, 2)), task_ids)        # [B, L, 5]
+        return self.fc_rows(tokens.reshape(-1, 5)).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("pass_ids", ["context", "argument"])
+def test_one_backward_with_ragged_per_sample_task_ids(pass_ids):
+    """Per-sample task ids (ragged task sizes, tasks interleaved): each layer's weight gradient is split by the ids
+    the norms used, for Linear layers on [B, L, D] tokens and on flattened token rows as well as convolutions."""
+    torch.manual_seed(5)
+    net = TokenNet().double()
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 1, 0, 2, 2, 1])          # sizes 3, 3, 5
+    x = torch.randn(len(ids), 3, 4, 5, dtype=torch.float64) * 2 + 1
+
+    def losses(out):
+        return torch.stack([(out[ids == t] ** 2).mean() * (t + 1) for t in range(T)])
+
+    def forward():
+        if pass_ids == "context":
+            with tk.task_ids(ids):
+                return net(x)
+        return net(x, ids)
+    with mtl.OneBackward(net, T) as capture:
+        task_losses = losses(forward())
+    G, _ = capture.gradients(task_losses)
+    want = mtl.autograd_gradients(losses(forward()), capture.params)
+    torch.testing.assert_close(G, want, rtol=1e-10, atol=1e-12)
+    assert (G.abs().sum(dim=1) > 0).all()
+
+
+def test_one_backward_counts_each_layer_and_tied_weight_once():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    net = nn.Sequential(conv, tk.TSBatchNorm2d(3, T), conv, nn.Flatten(2), nn.Unflatten(2, (1, -1)),
+                        nn.Flatten(), nn.Unflatten(1, (-1, 3)), a, nn.Tanh(), b).double()
+    x = torch.randn(T * N, 3, 3, 3, dtype=torch.float64)
+    with mtl.OneBackward(net, T, modules=[conv, conv, a, b]) as capture:
+        losses = _block_losses(net(x))
+    assert len(capture.params) == len({id(p) for p in capture.params}) == 5   # conv w+b, a w+b, b's bias
+    G, _ = capture.gradients(losses)
+    torch.testing.assert_close(G, mtl.autograd_gradients(_block_losses(net(x)), capture.params),
+                               rtol=1e-10, atol=1e-12)
+
+
+class StemOnceNet(nn.Module):
+    def __init__(self, head_per_task=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = tk.TSBatchNorm2d(4, T)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.heads = nn.ModuleList(nn.Conv2d(4, 1, 1) for _ in range(T))
+        self.head_per_task = head_per_task
+
+    def forward(self, x):
+        h = self.body(self.bn(self.stem(x if self.head_per_task else x[:N]).repeat(
+            1 if self.head_per_task else T, 1, 1, 1)))
+        if self.head_per_task:
+            h = torch.cat([head(block) for head, block in zip(self.heads, h.chunk(T))])
+        return h
+
+
+def test_one_backward_refuses_what_it_cannot_split_by_task():
+    """Layouts where a split by blocks would be silently wrong raise a ValueError naming the layer."""
+    x = torch.randn(T * N, 3, 5, 5)
+    net = StemOnceNet()       # the stem runs once on N rows (N divisible by T) before the replication
+    with mtl.OneBackward(net, T) as capture:
+        losses = _block_losses(net(x))
+    with pytest.raises(ValueError, match="stem ran on 4 rows, not on the batch of 12 rows"):
+        capture.gradients(losses)
+    net = StemOnceNet(head_per_task=True)     # captured per-task heads on N rows each
+    with mtl.OneBackward(net, T) as capture:
+        losses = _block_losses(net(x))
+    with pytest.raises(ValueError, match=r"heads\.0 ran on 4 rows"):
+        capture.gradients(losses)
+    with mtl.OneBackward(net, T, modules=[net.stem, net.body]) as capture:   # heads left out: exact
+        losses = _block_losses(net(x))
+    G, _ = capture.gradients(losses)
+    torch.testing.assert_close(G, mtl.autograd_gradients(_block_losses(net(x)), capture.params))
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    with mtl.OneBackward(plain, T) as capture:
+        losses = _block_losses(plain(x))
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) normalizes with statistics over 12 rows"):
+        capture.gradients(losses)
+    plain.eval()              # running statistics: per sample, so the split is exact again
+    with mtl.OneBackward(plain, T) as capture:
+        losses = _block_losses(plain(x))
+    G, _ = capture.gradients(losses)
+    torch.testing.assert_close(G, mtl.autograd_gradients(_block_losses(plain(x)), capture.params))
+
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    tokens = torch.randn(T * N, 5, 8)
+    with mtl.OneBackward(encoder, T) as capture:
+        losses = _block_losses(encoder(tokens))
+    with pytest.raises(ValueError, match="self_attn.out_proj's parameters got a gradient but its forward was never"):
+        capture.gradients(losses)
+    unused = nn.Linear(8, 8)
+    model = nn.ModuleDict({"encoder": encoder, "unused": unused})
+    with mtl.OneBackward(model, T, modules=[encoder.linear1, encoder.linear2, unused]) as capture:
+        losses = _block_losses(encoder(tokens))
+    G, _ = capture.gradients(losses)                # a captured layer the forward never used: zero columns
+    torch.testing.assert_close(G, mtl.autograd_gradients(_block_losses(encoder(tokens)), capture.params))
 
 
 @pytest.mark.parametrize("method", ["mean", "pcgrad", "upgrad"])

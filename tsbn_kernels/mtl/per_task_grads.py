@@ -53,26 +53,50 @@ class OneBackward:
         G, other_grads = capture.gradients(losses, other_params)   # G: [T, P] over capture.params
 
     ``capture.params`` lists the parameters in G's column order (weights then biases of each layer, in
-    module order). Parameters in ``other_params`` (task-specific ones) get their ordinary gradient of Σ losses.
+    module order, each once). Parameters in ``other_params`` (task-specific ones) get their ordinary gradient of
+    Σ losses. Per-sample task ids (``tk.task_ids(ids)`` or ``task_ids=`` of the task-specific norms) work too:
+    each layer's weight gradient is then split by the ids the norms used instead of by blocks.
+
+    The split is exact only when the captured layers run on the batch the task-specific norms see and nothing
+    else mixes samples of different tasks; what breaks that raises a ValueError naming the layer instead of
+    giving wrong gradients: a captured layer that ran on another batch (a stem run once before the
+    replication, a per-task head), a BatchNorm with batch statistics over the tasks' samples, a captured
+    layer whose weight got a gradient without its forward being called (``nn.MultiheadAttention`` uses its
+    ``out_proj`` weight that way). Batch-first layouts only: a Linear's input splits along dim 0.
     """
 
     def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None):
+        from ..modules import TSLayerNorm, _TSBatchNorm
+
         self.num_tasks = num_tasks
-        self.modules = [m for m in (modules if modules is not None else model.modules())
-                        if isinstance(m, _SUPPORTED) and m.weight.requires_grad]
+        candidates = modules if modules is not None else model.modules()
+        self.modules = list({id(m): m for m in candidates                 # each once: a hook per call site
+                             if isinstance(m, _SUPPORTED) and m.weight.requires_grad}.values())
         for m in self.modules:
             if not isinstance(m, nn.Linear) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
                 raise ValueError(f"OneBackward supports convolutions with numeric zero padding; {m} has "
                                  f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
         if not self.modules:
             raise ValueError("OneBackward found no Conv/Linear layer with trainable weights to split by task")
-        self.params = [p for m in self.modules for p in (m.weight, m.bias) if p is not None and p.requires_grad]
+        # Tied weights (one Parameter in two layers) get one column range, into which both layers' parts add.
+        self.params = list({id(p): p for m in self.modules for p in (m.weight, m.bias)
+                            if p is not None and p.requires_grad}.values())
+        self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
+        self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
+        self._norm_calls: list[tuple[nn.Module, int, Tensor | None]] = []
+        self._batch_stat_calls: list[tuple[nn.Module, int]] = []
         self._handles = []
 
     def __enter__(self) -> "OneBackward":
         self._records.clear()
+        self._norm_calls.clear()
+        self._batch_stat_calls.clear()
         self._handles = [m.register_forward_hook(self._record) for m in self.modules]
+        self._handles += [m.register_forward_pre_hook(self._record_task_norm, with_kwargs=True)
+                          for m in self._task_norms]
+        self._handles += [m.register_forward_pre_hook(self._record_batch_norm) for m in self._batch_norms]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,20 +104,68 @@ class OneBackward:
             h.remove()
         self._handles = []
 
+    def _name(self, module: nn.Module) -> str:
+        return self._names.get(id(module), type(module).__name__)
+
     # Never traced: inside a torch.compile'd model a traced hook would record tensors that the graph hands out as
     # extra outputs, cut off from the autograd path to the losses (every per-task gradient silently zero). Disabled,
     # the hook splits the graph there and records the real output.
     @torch.compiler.disable
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        x = inputs[0]
-        if x.shape[0] % self.num_tasks:
-            raise ValueError(f"{type(module).__name__} received a batch of {x.shape[0]} rows, not divisible into "
-                             f"{self.num_tasks} task blocks; run every shared layer on the replicated batch")
         if not output.requires_grad:
-            raise ValueError(f"the output of {type(module).__name__} does not require grad; OneBackward needs the "
+            raise ValueError(f"the output of {self._name(module)} does not require grad; OneBackward needs the "
                              "shared layers to be trainable and their forward recorded by autograd (not under "
                              "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False)")
-        self._records.append((module, x.detach(), output))
+        self._records.append((module, inputs[0].detach(), output))
+
+    @torch.compiler.disable
+    def _record_task_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        from ..context import current_task_ids
+
+        ids = kwargs.get("task_ids", args[1] if len(args) > 1 else None)
+        self._norm_calls.append((module, args[0].shape[0], current_task_ids() if ids is None else ids))
+
+    @torch.compiler.disable
+    def _record_batch_norm(self, module: nn.Module, args: tuple) -> None:
+        if module.training or module.running_mean is None:     # nn.BatchNorm's rule for using batch statistics
+            self._batch_stat_calls.append((module, args[0].shape[0]))
+
+    def _task_layout(self) -> tuple[int, Tensor | None]:
+        """The batch the task-specific norms normalized (rows) and its per-sample task ids (None: T blocks)."""
+        if not self._norm_calls:       # no task-specific norm: the widest captured layer ran on the whole batch
+            return max(x.shape[0] for _, x, _ in self._records), None
+        rows = {n for _, n, _ in self._norm_calls}
+        if len(rows) > 1:
+            raise ValueError(f"the task-specific norms normalized batches of {sorted(rows)} rows in one forward; "
+                             "OneBackward needs every norm on the same (replicated) batch")
+        ids = [ids for _, _, ids in self._norm_calls]
+        if any(i is None for i in ids) and not all(i is None for i in ids):
+            raise ValueError("some task-specific norms ran with per-sample task_ids and others in task-major "
+                             "blocks; OneBackward needs one task layout for the whole forward")
+        first = ids[0]
+        if first is not None and any(i is not first and not torch.equal(i, first) for i in ids[1:]):
+            raise ValueError("the task-specific norms ran with different task_ids in one forward; OneBackward "
+                             "needs one task layout for the whole forward")
+        return rows.pop(), first
+
+    def _check_layout(self, batch: int, ids: Tensor | None) -> None:
+        for module, x, _ in self._records:
+            if x.shape[0] % batch:
+                raise ValueError(f"{self._name(module)} ran on {x.shape[0]} rows, not on the batch of {batch} rows "
+                                 "that the task-specific norms normalize (nor on a multiple of it): its weight "
+                                 "gradient cannot be split by task. Leave layers that run before the batch is "
+                                 "replicated, or per task (heads), out of `modules=` and pass their parameters as "
+                                 "other_params")
+        if ids is None and batch % self.num_tasks:
+            raise ValueError(f"the batch of {batch} rows is not divisible into {self.num_tasks} task blocks; run "
+                             "every shared layer on the replicated batch, or pass per-sample task ids")
+        for module, rows in self._batch_stat_calls:
+            if rows >= batch:
+                raise ValueError(f"{self._name(module)} ({type(module).__name__}) normalizes with statistics over "
+                                 f"{rows} rows that hold several tasks' samples, so each task's loss depends on the "
+                                 "other tasks' samples and one backward cannot split the gradients by task. "
+                                 "Convert it (tk.convert_batchnorm), put it in eval mode, or use "
+                                 "mtl.autograd_gradients")
 
     def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
                   ) -> tuple[Tensor, list[Tensor | None]]:
@@ -103,26 +175,53 @@ class OneBackward:
         if not self._records:
             raise RuntimeError("no forward was recorded: compute the losses inside `with capture:`")
         records = self._records
+        batch, ids = self._task_layout()
+        self._check_layout(batch, ids)
         outputs = [out for _, _, out in records]
         other_params = list(other_params)
-        grads = torch.autograd.grad(losses.sum(), outputs + other_params, allow_unused=True)
-        out_grads, other_grads = grads[:len(outputs)], list(grads[len(outputs):])
+        # A captured layer whose forward never ran may still own weights the forward used (functionally, as
+        # nn.MultiheadAttention uses out_proj.weight): asking autograd for them tells an unused layer (no
+        # gradient, zero columns are right) from one whose per-task split would be missing.
+        recorded = {id(m) for m, _, _ in records}
+        unrecorded = [p for m in self.modules if id(m) not in recorded for p in (m.weight, m.bias)
+                      if p is not None and p.requires_grad]
+        grads = torch.autograd.grad(losses.sum(), outputs + other_params + unrecorded, allow_unused=True)
+        out_grads = grads[:len(outputs)]
+        other_grads = list(grads[len(outputs):len(outputs) + len(other_params)])
+        for p, g in zip(unrecorded, grads[len(outputs) + len(other_params):]):
+            if g is not None:
+                owner = next(m for m in self.modules if p is m.weight or p is m.bias)
+                raise ValueError(f"{self._name(owner)}'s parameters got a gradient but its forward was never "
+                                 "called (its weight is used directly, as nn.MultiheadAttention uses out_proj); "
+                                 "its per-task split is unknown. Leave it out of `modules=` or use "
+                                 "mtl.autograd_gradients")
         layout = {}
         offset = 0
         for p in self.params:
             layout[id(p)] = (offset, p.numel())
             offset += p.numel()
         G = torch.zeros(self.num_tasks, offset, dtype=self.params[0].dtype, device=self.params[0].device)
+        orders: dict[int, tuple[Tensor, list[int]]] = {}
         for (module, x, _), dy in zip(records, out_grads):
             if dy is None:
                 continue
-            weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
+            if ids is None:
+                weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
+            else:
+                repeats = x.shape[0] // batch
+                if repeats not in orders:      # one host sync per layout: the task sizes, to split the rows
+                    row_ids = ids if repeats == 1 else ids.repeat_interleave(repeats)
+                    counts = torch.bincount(row_ids, minlength=self.num_tasks)
+                    orders[repeats] = (torch.argsort(row_ids, stable=True), counts.tolist())
+                weight_grads, bias_grads = _per_task_grads_by_rows(module, x, dy, *orders[repeats])
             start, size = layout[id(module.weight)]
             G[:, start:start + size] += weight_grads.reshape(self.num_tasks, -1).to(G.dtype)
             if module.bias is not None and module.bias.requires_grad:
                 start, size = layout[id(module.bias)]
                 G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
         self._records = []
+        self._norm_calls = []
+        self._batch_stat_calls = []
         return G, other_grads
 
 
@@ -161,3 +260,27 @@ def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[
     grouped_shape = (T * module.weight.shape[0], *module.weight.shape[1:])
     wg = weight_grad_fn(xg, grouped_shape, gg, groups=module.groups * T, **conv)
     return wg.reshape(T, *module.weight.shape), bias
+
+
+def _per_task_grads_by_rows(module: nn.Module, x: Tensor, dy: Tensor, order: Tensor, counts: list[int]
+                            ) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients of each task from per-sample task ids: the rows gathered task by task (``order``
+    sorts them by task, ``counts`` are the task sizes, some possibly 0), one weight gradient per task."""
+    x = x.to(dy.dtype).index_select(0, order)
+    dy = dy.index_select(0, order)
+    weights, biases = [], []
+    for xt, gt in zip(x.split(counts), dy.split(counts)):
+        if isinstance(module, nn.Linear):
+            xt, gt = xt.reshape(-1, xt.shape[-1]), gt.reshape(-1, gt.shape[-1])
+            weights.append(gt.transpose(0, 1) @ xt)
+            biases.append(gt.sum(dim=0))
+            continue
+        biases.append(gt.sum(dim=(0, *range(2, gt.dim()))))
+        if gt.shape[0] == 0:
+            weights.append(module.weight.new_zeros(module.weight.shape, dtype=dy.dtype))
+            continue
+        weight_grad_fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                          3: torch.nn.grad.conv3d_weight}[module.weight.dim() - 2]
+        weights.append(weight_grad_fn(xt, module.weight.shape, gt, stride=module.stride, padding=module.padding,
+                                      dilation=module.dilation, groups=module.groups))
+    return torch.stack(weights), torch.stack(biases)
