@@ -162,14 +162,108 @@ def test_aligned_mtl_balances_the_spectrum(name, G):
     np.testing.assert_allclose(gram, lam.min() * np.eye(len(lam)), atol=1e-6 * lam.max())
 
 
+def degenerate(kind, T=3, P=32, seed=0):
+    G = random_rows(T, P, seed)
+    if kind == "opposite":       # no Nash bargaining solution; the all-ones vector is in M's null space
+        G[1] = -G[0]
+    elif kind == "all_zero":
+        G.zero_()
+    elif kind == "tiny":         # the float32 Gramian underflows to subnormals
+        G *= 1e-20
+    elif kind == "rank_one":     # P = 1: every pair of tasks parallel or opposed
+        G = G[:, :1]
+    return G
+
+
+DEGENERATE = [(k, degenerate(k)) for k in ("opposite", "all_zero", "tiny", "rank_one")]
+
+
 @pytest.mark.parametrize("method", mtl.METHODS)
-@pytest.mark.parametrize("name,G", CASES, ids=IDS)
+@pytest.mark.parametrize("name,G", CASES + DEGENERATE, ids=IDS + [c[0] for c in DEGENERATE])
 def test_every_method_finite_and_on_device(method, name, G):
     out, w = mtl.aggregate(G.float(), method, return_weights=True)
     assert torch.isfinite(out).all() and torch.isfinite(w).all() and w.shape == (G.shape[0],)
     if method in ("pcgrad", "mgda", "upgrad", "dualproj"):
         # These never point against the average of the tasks they were given.
         assert (out.double() @ G.mean(0)) >= -1e-5 * G.norm() ** 2 / G.shape[0]
+
+
+# Ops that read device memory on the host: on a GPU each is a synchronisation and fails a CUDA-graph capture
+# (the linalg decompositions check their info flag on the host inside the kernel).
+HOST_READS = {"_local_scalar_dense", "_linalg_check_errors", "_linalg_eigh", "_linalg_svd", "linalg_pinv",
+              "linalg_eigh", "linalg_svd", "linalg_solve", "linalg_inv", "nonzero", "is_nonzero", "equal",
+              "masked_select", "unique", "_unique2", "one_hot"}
+
+
+@pytest.mark.parametrize("method", mtl.METHODS)
+@pytest.mark.parametrize("name,G", [CASES[0], CASES[3], *DEGENERATE[:2]], ids=["random3", "T40", "opposite", "zero"])
+def test_weightings_never_read_device_data_on_the_host(method, name, G, monkeypatch):
+    """Every aten op a weighting runs, on the off-CPU path (aligned_mtl's Jacobi eigensolver), is free of host
+    reads; the same code on a GPU then neither synchronises nor breaks a CUDA-graph capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsbn_kernels.mtl import solvers
+
+    class RefuseHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            assert name not in HOST_READS, f"{method} runs {name}, which reads device data on the host"
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(weightings, "_eigh", solvers.symmetric_eigh)
+    M = (G @ G.T).float()
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if method == "pcgrad" else {}
+    with RefuseHostReads():
+        w = mtl.weights(M, method, **kwargs)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 40, 64])
+@pytest.mark.parametrize("kind", ["random", "opposite", "duplicate", "graded"])
+def test_symmetric_eigh_matches_lapack(T, kind):
+    from tsbn_kernels.mtl.solvers import symmetric_eigh
+
+    G = random_rows(T, P=80, seed=T)
+    if kind == "opposite" and T > 1:
+        G[1] = -G[0]
+    elif kind == "duplicate" and T > 2:
+        G[2] = G[1]
+    elif kind == "graded":
+        G *= torch.logspace(0, 4, T, dtype=torch.float64).unsqueeze(1)
+    M = G @ G.T
+    eigenvalues, V = symmetric_eigh(M)
+    scale = M.abs().max()
+    torch.testing.assert_close(eigenvalues.sort().values, torch.linalg.eigvalsh(M), rtol=0, atol=1e-13 * scale)
+    torch.testing.assert_close((V * eigenvalues) @ V.T, M, rtol=0, atol=1e-13 * scale)
+    torch.testing.assert_close(V.T @ V, torch.eye(T, dtype=torch.float64), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,G", CASES + DEGENERATE, ids=IDS + [c[0] for c in DEGENERATE])
+def test_aligned_mtl_off_the_cpu_equals_lapack(name, G, monkeypatch):
+    from tsbn_kernels.mtl import solvers
+
+    M = G @ G.T
+    want = weightings.aligned_mtl(M)
+    monkeypatch.setattr(weightings, "_eigh", solvers.symmetric_eigh)
+    torch.testing.assert_close(weightings.aligned_mtl(M), want, rtol=1e-9, atol=1e-12 * max(want.abs().max(), 1))
+
+
+@pytest.mark.parametrize("name,G", CASES + DEGENERATE, ids=IDS + [c[0] for c in DEGENERATE])
+def test_imtl_g_equals_the_pseudo_inverse_formula(name, G):
+    """IMTL-G's system solved without pinv: the LU solution where D·Uᵀ is regular, the least-squares limit where
+    tasks are parallel, zero or opposed — as α = g0·Uᵀ·pinv(D·Uᵀ) of the paper (with pinv) gives."""
+    T = G.shape[0]
+    if T == 1:
+        return
+    norms = G.norm(dim=1, keepdim=True)
+    U = torch.where(norms > 0, G / norms.clamp_min(1e-300), torch.zeros_like(G))
+    D_U = ((G[0] - G[1:]) @ (U[0] - U[1:]).T).numpy()
+    g0_U = (G[0] @ (U[0] - U[1:]).T).numpy()
+    rest = g0_U @ np.linalg.pinv(D_U, rcond=1e-10)
+    want = np.concatenate([[1 - rest.sum()], rest])
+    got = weightings.imtl_g(G @ G.T).numpy()
+    scale = max(np.abs(want).max(), 1.0)
+    np.testing.assert_allclose((got - want) @ G.numpy(), 0, atol=1e-7 * scale * max(G.norm().item(), 1e-300))
 
 
 def test_weightings_run_without_host_sync_under_cuda_graph_style_trace():
@@ -204,3 +298,15 @@ def test_torch_compile_does_not_unroll_the_solvers(method):
     compiled = torch.compile(aggregate, backend=counting_backend)
     torch.testing.assert_close(compiled(G), aggregate(G))
     assert graph_sizes and max(graph_sizes) < 100, graph_sizes
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "mgda", "imtl_g", "upgrad", "dualproj", "aligned_mtl"])
+@pytest.mark.parametrize("scale", [1e-5, 1e12])
+def test_scale_free_weightings_ignore_the_gradients_magnitude(method, scale):
+    """These weightings depend on the gradients' directions and relative sizes only. Small float32 gradients (squared
+    norms below float32's eps, as a converged task's are) must not change them: a clamp at eps did."""
+    G = adversarial("conflicting").float()
+    kwargs = (lambda: {"generator": torch.Generator().manual_seed(1)}) if method == "pcgrad" else dict
+    want = mtl.weights(G @ G.T, method, **kwargs())
+    small = G * scale
+    torch.testing.assert_close(mtl.weights(small @ small.T, method, **kwargs()), want, rtol=2e-4, atol=2e-5)

@@ -44,8 +44,8 @@ def raise_if_nonfinite(M: Tensor) -> None:
     bad = ~torch.isfinite(M.diagonal())                 # M_tt = |g_t|² is non-finite iff g_t is (or overflows)
     if bool(bad.any()) or not bool(torch.isfinite(M).all()):
         bad = bad if bool(bad.any()) else torch.ones_like(bad)
-        raise ValueError(f"the gradients of task(s) {bad.nonzero().flatten().tolist()} contain NaN or Inf; "
-                         "refusing to aggregate them into .grad")
+        raise ValueError(f"the gradients of task(s) {bad.nonzero().flatten().tolist()} contain NaN or Inf (or "
+                         f"are so large that their {M.dtype} Gramian overflows); refusing to aggregate them into .grad")
 
 
 def aggregate(G: Tensor, method: str = "mean", *, backend: str = "auto", check_finite: bool = True,

@@ -6,6 +6,8 @@ them against scipy in float64.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,11 +25,19 @@ def project_simplex(v: Tensor) -> Tensor:
 
 def largest_eigenvalue(M: Tensor, iterations: int = 30) -> Tensor:
     """λ_max of a PSD matrix by power iteration (a 0-d tensor, > 0)."""
-    v = torch.ones(M.shape[0], dtype=M.dtype, device=M.device) / M.shape[0] ** 0.5
+    # Iterated on M scaled to a unit diagonal maximum: M·v of gradients with norms ~1e12 squares past float32's
+    # range inside the norm, and v would collapse to 0.
+    scale = M.diagonal().max().clamp_min(torch.finfo(M.dtype).tiny)
+    M = M / scale
+    # Started from the column of the largest diagonal entry: it lies in M's range (a start of all ones is in the
+    # null space of exactly opposed gradients, and the estimate then collapses to ~0: a step that diverges).
+    v = M.gather(1, M.diagonal().argmax().reshape(1, 1).expand(M.shape[0], 1)).squeeze(1)
+    v = v / v.norm().clamp_min(torch.finfo(M.dtype).tiny)
     for _ in range(iterations):
         v = M @ v
         v = v / v.norm().clamp_min(torch.finfo(M.dtype).tiny)
-    return (v @ (M @ v)).clamp_min(torch.finfo(M.dtype).eps * M.diagonal().abs().max().clamp_min(1e-30))
+    # Scaled, λ_max ≥ the unit diagonal maximum; the floor of 1 also keeps M = 0 at a finite, positive λ.
+    return (v @ (M @ v)).clamp_min(1.0) * scale
 
 
 def min_quadratic(M: Tensor, start: Tensor, project, iterations: int = 500) -> Tensor:
@@ -61,3 +71,48 @@ def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 30
         value = torch.where(better, candidate_value, value)
         step = torch.where(better, step * 1.5, step * 0.5)
     return x
+
+
+def _round_robin_pairs(n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The n−1 rounds of a round-robin tournament on n (even) players: each round pairs every player once."""
+    players = list(range(n))
+    rounds_p, rounds_q = [], []
+    for _ in range(n - 1):
+        rounds_p.append(players[: n // 2])
+        rounds_q.append(players[n // 2:][::-1])
+        players = [players[0]] + [players[-1]] + players[1:-1]
+    return rounds_p, rounds_q
+
+
+def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors (columns) of a small symmetric matrix, unordered, in float64, by cyclic Jacobi
+    with the rotations of a round-robin ordering applied n/2 at a time.
+
+    Why not torch.linalg.eigh: on a GPU it checks its info flag on the host, a synchronisation that also makes a
+    CUDA-graph capture fail. Here every step is a tensor op and the sweep count is fixed (Jacobi converges
+    quadratically: 5 sweeps reach float64 precision at T = 40, 7 at T = 64; 8 are run)."""
+    T = M.shape[0]
+    n = T + T % 2                                  # odd T: a decoupled zero row, whose rotations are identities
+    A = torch.zeros(n, n, dtype=torch.float64, device=M.device)
+    A[:T, :T] = M.to(torch.float64)
+    V = torch.eye(n, dtype=torch.float64, device=M.device)
+    if n == 1 or T == 0:
+        return A.diagonal()[:T].clone(), V[:T, :T]
+    rounds_p, rounds_q = _round_robin_pairs(n)
+    all_p = torch.tensor(rounds_p, device=M.device)
+    all_q = torch.tensor(rounds_q, device=M.device)
+    eye = torch.eye(n, dtype=torch.float64, device=M.device)
+    half_pi = math.pi / 2
+    for _ in range(sweeps):
+        for r in range(n - 1):
+            p, q = all_p[r], all_q[r]
+            app, aqq, apq = A[p, p], A[q, q], A[p, q]
+            # tan 2θ = 2·apq / (aqq − app) zeroes A[p, q]; the root with |θ| ≤ π/4 (the one Jacobi converges with).
+            two_theta = torch.atan2(2 * apq, aqq - app)
+            two_theta = torch.where(two_theta > half_pi, two_theta - math.pi,
+                                    torch.where(two_theta < -half_pi, two_theta + math.pi, two_theta))
+            c, s = torch.cos(two_theta / 2), torch.sin(two_theta / 2)
+            J = eye.index_put((torch.cat([p, q, p, q]), torch.cat([p, q, q, p])), torch.cat([c, c, s, -s]))
+            A = J.T @ A @ J
+            V = V @ J
+    return A.diagonal()[:T].clone(), V[:T, :T]

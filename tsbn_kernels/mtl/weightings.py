@@ -18,17 +18,22 @@ synchronisation. Scale conventions (what Σ w_t is, so the step size means the s
   aligned_mtl Senushkin et al. 2023: the gradients are aligned to the condition number 1 by
             B = sqrt(λ_min)·V·Λ^{-1/2}·Vᵀ (on the non-null eigenspace of M) and averaged: w = B·(1/T).
 Zero-norm task rows get weight 0 where a method would divide by their norm.
+
+No torch.linalg call that checks its result on the host (eigh, svd, pinv, solve): on a GPU each is a
+synchronisation, and a CUDA-graph capture fails on it. Linear systems use solve_ex(check_errors=False); the eigendecomposition of aligned_mtl is solvers.symmetric_eigh off the CPU.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .solvers import min_quadratic, minimize_on_simplex, project_simplex
+from .solvers import min_quadratic, minimize_on_simplex, project_simplex, symmetric_eigh
 
 
 def _tiny(M: Tensor) -> float:
-    return torch.finfo(M.dtype).eps
+    # The smallest normal number, not eps: squared norms of 1e-4-sized gradients are below float32's eps, and a
+    # clamp there would shrink PCGrad's projections of small task gradients.
+    return torch.finfo(M.dtype).tiny
 
 
 def mean(M: Tensor) -> Tensor:
@@ -52,7 +57,8 @@ def pcgrad(M: Tensor, generator: torch.Generator | None = None) -> Tensor:
         dots = (C * M[:, j].T).sum(dim=1)                 # g_i' · g_j for every i at once
         safe = norms[j].clamp_min(_tiny(M))
         coef = torch.where((dots < 0) & (norms[j] > 0), dots / safe, torch.zeros_like(dots))
-        C = C - coef.unsqueeze(1) * torch.nn.functional.one_hot(j, T).to(M.dtype)
+        # one_hot would check the index range on the host (a sync on the CPU); a comparison does not.
+        C = C - coef.unsqueeze(1) * (j.unsqueeze(1) == torch.arange(T, device=device)).to(M.dtype)
     return C.sum(dim=0)
 
 
@@ -91,18 +97,39 @@ def imtl_g(M: Tensor) -> Tensor:
     gi_u = M * inv.unsqueeze(0)                          # g_i · u_j
     g0_U = g0_u[0] - g0_u[1:]                            # g_0 · (u_0 − u_j)
     D_U = (gi_u[0, 0] - gi_u[1:, 0]).unsqueeze(1) - (gi_u[0, 1:].unsqueeze(0) - gi_u[1:, 1:])
-    alpha_rest = g0_U @ torch.linalg.pinv(D_U)
+    alpha_rest = _solve_rows(D_U, g0_U)
     return torch.cat([(1 - alpha_rest.sum()).unsqueeze(0), alpha_rest])
+
+
+def _solve_rows(A: Tensor, b: Tensor, refinements: int = 4) -> Tensor:
+    """The minimum-norm least-squares x of x·A = b (pinv(A)'s answer), in float64 and without a host sync: Tikhonov
+    with a ridge at 1e-10 of the mean squared singular value, refined iteratively. Each refinement shrinks the
+    error along a singular value σ by δ/(σ² + δ), so regular systems come out exact and directions with σ² ≪ δ
+    (parallel, zero or opposed task gradients) stay out, as pinv's cutoff leaves them."""
+    A64, b64 = A.to(torch.float64), b.to(torch.float64)
+    n = A.shape[0]
+    gram = A64 @ A64.T
+    ridge = 1e-10 * gram.diagonal().sum() / max(n, 1) + torch.finfo(torch.float64).tiny
+    system = gram + ridge * torch.eye(n, dtype=torch.float64, device=A.device)
+    x = torch.zeros_like(b64)
+    for _ in range(refinements + 1):
+        step, _ = torch.linalg.solve_ex(system, A64 @ (b64 - x @ A64), check_errors=False)
+        x = x + step
+    return x.to(A.dtype)
 
 
 def nash_mtl(M: Tensor, iterations: int = 40) -> Tensor:
     diag = M.diagonal().clamp_min(_tiny(M))
     alpha = 1.0 / diag.sqrt()
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    # Keeps the Newton system solvable where no bargaining solution exists (exactly opposed gradients: α grows
+    # without bound and 1/α² vanishes next to a singular M).
+    ridge = 1e-7 * diag.mean() * eye
     for _ in range(iterations):
         grad = M @ alpha - 1.0 / alpha
         hessian = M + eye / (alpha * alpha).unsqueeze(1)
-        delta = torch.linalg.solve(hessian, grad)
+        delta, _ = torch.linalg.solve_ex(hessian + ridge, grad, check_errors=False)
+        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         # Fraction to the boundary: never step past 1% of the way to α = 0.
         limit = torch.where(delta > 0, 0.99 * alpha / delta.clamp_min(_tiny(M)), torch.full_like(alpha, 1.0))
         alpha = alpha - limit.min().clamp(max=1.0) * delta
@@ -133,13 +160,22 @@ def dualproj(M: Tensor, iterations: int = 500) -> Tensor:
     return _dual_cone_projection(M / scale, mean(M).unsqueeze(0), iterations).squeeze(0)
 
 
+def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """LAPACK on the CPU (no device to synchronise with); the sync-free Jacobi tensor program elsewhere."""
+    return torch.linalg.eigh(M.to(torch.float64)) if M.device.type == "cpu" else symmetric_eigh(M)
+
+
 def aligned_mtl(M: Tensor, rank_tol: float = 1e-7) -> Tensor:
-    eigenvalues, V = torch.linalg.eigh(M)
-    kept = eigenvalues > rank_tol * eigenvalues.max().clamp_min(_tiny(M))
+    # B is invariant to M's scale: normalising first keeps gradients of any magnitude (1e-20 or 1e15) exact.
+    scaled = M.to(torch.float64) / M.diagonal().sum().to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    eigenvalues, V = _eigh(scaled)
+    kept = eigenvalues > rank_tol * eigenvalues.max()         # nothing kept when M = 0: then w = 0, not NaN
     smallest = torch.where(kept, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
-    inv_sqrt = torch.where(kept, eigenvalues.clamp_min(_tiny(M)).rsqrt(), torch.zeros_like(eigenvalues))
-    B = smallest.clamp_min(0).sqrt() * (V * inv_sqrt) @ V.T
-    return B @ mean(M)
+    smallest = torch.where(kept.any(), smallest, torch.zeros_like(smallest))
+    inv_sqrt = torch.where(kept, eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
+                           torch.zeros_like(eigenvalues))
+    B = smallest.sqrt() * (V * inv_sqrt) @ V.T
+    return (B @ mean(scaled)).to(M.dtype)
 
 
 WEIGHTINGS = {
