@@ -334,3 +334,35 @@ def test_gradnorm_step_is_the_papers_gradient_of_its_loss():
     want = (w.detach() - 0.05 * w.grad).clamp_min(1e-3)
     want = want * 3 / want.sum()
     torch.testing.assert_close(gn.update(losses, w.detach() * norms), want)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("method", ["upgrad", "aligned_mtl", "nash_mtl", "imtl_g"])
+def test_training_step_reads_no_device_data_on_the_host(backend, method, monkeypatch):
+    """Forward through fused norms, one backward for the per-task gradients, the Gramian, the weighting and wᵀG into
+    .grad (check_finite=False) run no op that reads device data on the host, so on a GPU the step neither
+    synchronises nor breaks a CUDA-graph capture (aligned_mtl on its off-CPU eigensolver)."""
+    from test_mtl_weightings import HOST_READS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsbn_kernels.mtl import solvers, weightings
+
+    if backend not in tk.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not built")
+    monkeypatch.setattr(weightings, "_eigh", solvers.symmetric_eigh)
+
+    class RefuseHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            assert name not in HOST_READS, f"the training step runs {name}, which reads device data on the host"
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tk.TSBatchNorm2d(8, T, backend=backend, activation="relu"),
+                        nn.Conv2d(8, 4, 3))
+    x = torch.randn(T * N, 3, 8, 8)
+    with RefuseHostReads():
+        with mtl.OneBackward(net, T) as capture:
+            losses = _block_losses(net(x))
+        mtl.backward_aggregated(losses, method=method, capture=capture, check_finite=False)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in capture.params)

@@ -101,6 +101,9 @@ def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
     rounds_p, rounds_q = _round_robin_pairs(n)
     all_p = torch.tensor(rounds_p, device=M.device)
     all_q = torch.tensor(rounds_q, device=M.device)
+    # Where each round's rotation entries go: (p,p), (q,q), (p,q), (q,p) of every pair.
+    rotation_rows = torch.cat([all_p, all_q, all_p, all_q], dim=1)
+    rotation_cols = torch.cat([all_p, all_q, all_q, all_p], dim=1)
     eye = torch.eye(n, dtype=torch.float64, device=M.device)
     half_pi = math.pi / 2
     for _ in range(sweeps):
@@ -112,7 +115,7 @@ def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
             two_theta = torch.where(two_theta > half_pi, two_theta - math.pi,
                                     torch.where(two_theta < -half_pi, two_theta + math.pi, two_theta))
             c, s = torch.cos(two_theta / 2), torch.sin(two_theta / 2)
-            J = eye.index_put((torch.cat([p, q, p, q]), torch.cat([p, q, q, p])), torch.cat([c, c, s, -s]))
+            J = eye.index_put((rotation_rows[r], rotation_cols[r]), torch.cat([c, c, s, -s]))
             A = J.T @ A @ J
             V = V @ J
     return A.diagonal()[:T].clone(), V[:T, :T]
