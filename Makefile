@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_CPU_VERSION := 2.13.0
 TRITON_CPU_VERSION := 3.8.0
 TEST_DEPS := numpy scipy matplotlib tqdm pillow pytest pytest-benchmark pytest-xdist hypothesis expecttest pybind11 \
-	ninja setuptools wheel
+	ninja setuptools wheel onnx onnxscript onnxruntime
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 # Triton kernels run on the CPU through Triton's interpreter when no GPU is visible.
 # Deferred (=): evaluated when a test recipe runs, after the venv exists.

@@ -114,6 +114,10 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
                              "jacrev, ...): its kernels have no functorch rules. Use backend='auto', which runs "
                              "the eager reference there, or backend='eager'")
         return "eager", _registry["eager"].ops[op]
+    if _in_onnx_export():
+        # ONNX has no counterpart of the fused ops; the reference is plain PyTorch (in eval: a few elementwise ops),
+        # which both exporters translate. Whatever the backend, the exported model computes the same function.
+        return "eager", _registry["eager"].ops[op]
     shape_key = None
     if x is not None and backend == "auto":
         from . import tuning
@@ -121,6 +125,14 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
         shape_key = tuning.shape_key(op, x, training)
     name = _choose(backend, torch.device(device).type, op, shape_key)
     return name, _registry[name].ops[op]
+
+
+def _in_onnx_export() -> bool:
+    # The TorchScript exporter traces with torch.jit, the dynamo one through torch.export: asked only then, since
+    # torch.onnx.is_in_onnx_export costs microseconds (imports inside) on every eager call.
+    if torch._C._get_tracing_state() is None and not torch.compiler.is_exporting():
+        return False
+    return torch.onnx.is_in_onnx_export()
 
 
 def _under_torch_func() -> bool:

@@ -116,6 +116,11 @@ class _TSBatchNorm(nn.Module):
             return None
         return torch.sigmoid(self.weight) if self.gate == "sigmoid" else self.weight.detach().clone()
 
+    def __prepare_scriptable__(self):
+        # Called by torch.jit.script on every submodule: fail here, by name, rather than deep inside the compiler.
+        raise RuntimeError(f"{type(self).__name__} does not support torch.jit.script; use torch.jit.trace, "
+                           "torch.export or torch.compile (ONNX export works with both torch.onnx exporters)")
+
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_tasks={self.num_tasks}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, gate={self.gate!r}, "
@@ -188,6 +193,11 @@ class TSLayerNorm(nn.Module):
     @torch.no_grad()
     def gate_values(self) -> Tensor:
         return torch.sigmoid(self.weight) if self.gate == "sigmoid" else self.weight.detach().clone()
+
+    def __prepare_scriptable__(self):
+        # Called by torch.jit.script on every submodule: fail here, by name, rather than deep inside the compiler.
+        raise RuntimeError(f"{type(self).__name__} does not support torch.jit.script; use torch.jit.trace, "
+                           "torch.export or torch.compile (ONNX export works with both torch.onnx exporters)")
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, num_tasks={self.num_tasks}, eps={self.eps}, gate={self.gate!r}, "

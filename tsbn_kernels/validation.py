@@ -85,6 +85,8 @@ def infer_num_tasks(op: str, num_tasks: int | None, named: dict[str, object]) ->
                 raise ValueError(f"{op}: {name} has leading (task) dimension {t.shape[0]}, shape {tuple(t.shape)}, "
                                  f"but {source} says num_tasks={num_tasks}")
             num_tasks, source = t.shape[0], name
+    if isinstance(num_tasks, Tensor) and torch.jit.is_tracing():
+        num_tasks = int(num_tasks)    # torch.jit.trace hands sizes out as tensors; T is a constant of the model
     if num_tasks is None:
         raise ValueError(f"{op}: cannot tell the number of tasks: pass weight, bias or running statistics of "
                          "shape [num_tasks, ...], or num_tasks=")
