@@ -50,6 +50,17 @@ def cpu_isa() -> str:
     return str(torch.ops.tsbn.cpu_isa()) if has_op("cpu_isa") else "baseline"
 
 
+def gramian_backward(G, dM):
+    """dL/dG of M = G·Gᵀ (in M's accumulation dtype) for every backend of mtl.gramian: (dM + dMᵀ)·G."""
+    return ((dM + dM.T) @ G.to(dM.dtype)).to(G.dtype)
+
+
+def combine_backward(G, w, grad):
+    """dL/dG and dL/dw of wᵀ·G for every backend of mtl.combine."""
+    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    return (torch.outer(w.to(acc), grad.to(acc)).to(G.dtype), (G.to(acc) @ grad.to(acc)).to(w.dtype))
+
+
 if _C is not None:
     @torch.library.register_fake("tsbn::task_counts")
     def _task_counts_fake(task_ids, num_tasks):
@@ -64,6 +75,21 @@ if _C is not None:
         @torch.library.register_fake("tsbn::combine")
         def _combine_fake(G, w):
             return G.new_empty((G.shape[1],))
+
+        def _gramian_setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        def _gramian_autograd(ctx, dM):
+            return gramian_backward(ctx.saved_tensors[0], dM)
+
+        def _combine_setup(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        def _combine_autograd(ctx, grad):
+            return combine_backward(*ctx.saved_tensors, grad)
+
+        torch.library.register_autograd("tsbn::gramian", _gramian_autograd, setup_context=_gramian_setup)
+        torch.library.register_autograd("tsbn::combine", _combine_autograd, setup_context=_combine_setup)
 
     # Complete the compiled ops (fake impls, autograd) as soon as they exist, so that torch.ops.tsbn.* works
     # under torch.compile and opcheck even when called directly rather than through tsbn_kernels' API.

@@ -95,7 +95,7 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
     if chosen == "triton":
         from .triton_gramian import triton_gramian
 
-        return triton_gramian(G)
+        return _TritonGramian.apply(G, triton_gramian) if _needs_graph(G) else triton_gramian(G)
     if chosen == "cpp":
         return torch.ops.tsbn.gramian(G)
     return _torch_gramian(G)
@@ -118,7 +118,7 @@ def combine(G: Tensor, w: Tensor, *, backend: str = "auto") -> Tensor:
     if chosen == "triton":
         from .triton_gramian import triton_combine
 
-        return triton_combine(G, w)
+        return _TritonCombine.apply(G, w, triton_combine) if _needs_graph(G, w) else triton_combine(G, w)
     if chosen == "cpp":
         return torch.ops.tsbn.combine(G, w)
     acc = _acc(G.dtype)
@@ -128,6 +128,39 @@ def combine(G: Tensor, w: Tensor, *, backend: str = "auto") -> Tensor:
     for start in range(0, G.shape[1], CHUNK):
         out[start:start + CHUNK] = (w.to(acc) @ G[:, start:start + CHUNK].to(acc)).to(G.dtype)
     return out
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# The Triton launchers are plain functions that autograd cannot see through; these give them the same backward
+# as the compiled ops (registered in _extension) and the torch path, so that differentiating through an
+# aggregation (meta-learning, a loss on the Gramian) works on every backend instead of silently dropping the graph.
+class _TritonGramian(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, G, launch):
+        ctx.save_for_backward(G)
+        return launch(G)
+
+    @staticmethod
+    def backward(ctx, dM):
+        from .._extension import gramian_backward
+
+        return gramian_backward(ctx.saved_tensors[0], dM), None
+
+
+class _TritonCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, G, w, launch):
+        ctx.save_for_backward(G, w)
+        return launch(G, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .._extension import combine_backward
+
+        return (*combine_backward(*ctx.saved_tensors, grad), None)
 
 
 def _check_weights(w: object, G: Tensor) -> Tensor:
