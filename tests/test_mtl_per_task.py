@@ -366,3 +366,24 @@ def test_training_step_reads_no_device_data_on_the_host(backend, method, monkeyp
             losses = _block_losses(net(x))
         mtl.backward_aggregated(losses, method=method, capture=capture, check_finite=False)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in capture.params)
+
+
+def test_backward_aggregated_counts_each_parameter_once():
+    """A parameter listed twice is aggregated once (twice, it would get its gradient twice and weigh double in the
+    Gramian); one listed as shared and task-specific is refused (it would get both gradients)."""
+    net, x, targets, shared = setup(dtype=torch.float64)
+    heads = list(net.heads.parameters())
+    mtl.backward_aggregated(net.losses(x, targets), shared, "upgrad", task_params=heads)
+    want = [p.grad.clone() for p in shared + heads]
+    net.zero_grad(set_to_none=True)
+    mtl.backward_aggregated(net.losses(x, targets), shared + shared[:2], "upgrad", task_params=heads + heads[:1])
+    for p, g in zip(shared + heads, want):
+        torch.testing.assert_close(p.grad, g)
+    net.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"task_params \[6\] \(by position\) are also shared parameters"):
+        mtl.backward_aggregated(net.losses(x, targets), shared, "mean", task_params=heads + [shared[0]])
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        losses = net.losses(x, targets)
+    with pytest.raises(ValueError, match="also shared parameters of the OneBackward capture"):
+        mtl.backward_aggregated(losses, method="mean", capture=capture, task_params=[net.fc.weight])
+    assert all(p.grad is None for p in net.parameters())

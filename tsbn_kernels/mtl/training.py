@@ -42,14 +42,21 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
                              f"{losses.detach().tolist()}")
     if loss_weights is not None:
         losses = losses * loss_weights
-    task_params = list(task_params)
+    # Each parameter once (a tied or repeated one would get its gradient twice and count twice in the Gramian),
+    # and never both shared and task-specific (it would get the aggregate and the plain gradient on top).
+    task_params = _unique(task_params)
+    if capture is None and not shared_params:
+        raise ValueError("pass shared_params, or a OneBackward capture of the forward")
+    shared = capture.params if capture is not None else _unique(shared_params)
+    shared_ids = {id(p) for p in shared}
+    both = [i for i, p in enumerate(task_params) if id(p) in shared_ids]
+    if both:
+        raise ValueError(f"task_params {both} (by position) are also shared parameters"
+                         f"{' of the OneBackward capture' if capture is not None else ''}; a parameter is either "
+                         "aggregated across tasks or given its plain gradient, not both")
     if capture is not None:
-        shared = capture.params
         G, task_grads = capture.gradients(losses, task_params)
     else:
-        if not shared_params:
-            raise ValueError("pass shared_params, or a OneBackward capture of the forward")
-        shared = list(shared_params)
         G = autograd_gradients(losses, shared)
         task_grads = (list(torch.autograd.grad(losses.sum(), task_params, allow_unused=True))
                       if task_params else [])
@@ -71,6 +78,10 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
             p.grad = g if p.grad is None else p.grad + g
     return {"weights": w.detach(), "gramian": M.detach(), "grad_norms": M.diagonal().clamp_min(0).sqrt().detach(),
             "losses": reported}
+
+
+def _unique(params: Sequence[Tensor]) -> list[Tensor]:
+    return list({id(p): p for p in params}.values())
 
 
 def average_across_ranks_(tensors: Sequence[Tensor], process_group=None) -> None:
