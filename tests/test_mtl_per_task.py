@@ -2,6 +2,8 @@
 on a conv net with TSBatchNorm2d in the replicated batch; the training helper; the loss weightings."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -387,3 +389,35 @@ def test_backward_aggregated_counts_each_parameter_once():
     with pytest.raises(ValueError, match="also shared parameters of the OneBackward capture"):
         mtl.backward_aggregated(losses, method="mean", capture=capture, task_params=[net.fc.weight])
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_loss_weightings_check_the_task_count_and_resume_exactly():
+    with pytest.raises(ValueError, match=r"mean_losses must have shape \(3,\)"):
+        mtl.DynamicWeightAverage(3).end_epoch(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"losses must have shape \(3,\)"):
+        mtl.GradNorm(3).update(torch.tensor([1.0, 2.0]), torch.ones(3))
+    with pytest.raises(ValueError, match=r"weighted_grad_norms must have shape \(3,\)"):
+        mtl.GradNorm(3).update(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match=r"losses must have shape \(3,\)"):
+        mtl.UncertaintyWeighting(3)(torch.ones(3, 1))
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.rand(3, generator=g) + 0.5, torch.rand(3, generator=g) + 0.1) for _ in range(6)]
+    dwa, gn = mtl.DynamicWeightAverage(3), mtl.GradNorm(3)
+    for losses, norms in steps[:3]:
+        dwa.end_epoch(losses)
+        gn.update(losses, norms)
+    dwa2, gn2 = mtl.DynamicWeightAverage(3), mtl.GradNorm(3)
+    buffer = io.BytesIO()
+    torch.save({"dwa": dwa.state_dict(), "gn": gn.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    dwa2.load_state_dict(state["dwa"])
+    gn2.load_state_dict(state["gn"])
+    for losses, norms in steps[3:]:
+        for a, b in ((dwa, dwa2), (gn, gn2)):
+            if isinstance(a, mtl.DynamicWeightAverage):
+                a.end_epoch(losses)
+                b.end_epoch(losses)
+                assert torch.equal(a.weights(), b.weights())
+            else:
+                assert torch.equal(a.update(losses, norms), b.update(losses, norms))

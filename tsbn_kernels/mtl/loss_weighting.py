@@ -10,6 +10,14 @@ def equal(num_tasks: int, device=None) -> Tensor:
     return torch.ones(num_tasks, device=device)
 
 
+def _per_task(name: str, values: object, num_tasks: int) -> Tensor:
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must be a tensor of {num_tasks} per-task values, got {type(values).__name__}")
+    if values.shape != (num_tasks,):
+        raise ValueError(f"{name} must have shape ({num_tasks},), one value per task, got {tuple(values.shape)}")
+    return values
+
+
 class UncertaintyWeighting(nn.Module):
     """Σ_t L_t / (2σ_t²) + log σ_t, with s_t = log σ_t² learned (the LibMTL form)."""
 
@@ -18,6 +26,7 @@ class UncertaintyWeighting(nn.Module):
         self.log_var = nn.Parameter(torch.zeros(num_tasks))
 
     def forward(self, losses: Tensor) -> Tensor:
+        losses = _per_task("losses", losses, self.log_var.shape[0])
         return (losses / (2 * self.log_var.exp()) + self.log_var / 2).sum()
 
 
@@ -36,7 +45,17 @@ class DynamicWeightAverage:
         return self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
 
     def end_epoch(self, mean_losses: Tensor) -> None:
+        mean_losses = _per_task("mean_losses", mean_losses, self.num_tasks)
         self.history.append(mean_losses.detach().float().cpu())
+        del self.history[:-2]                       # only the last two epochs enter the weights
+
+    # Saved with a training checkpoint, a resumed run continues with the same weights.
+    def state_dict(self) -> dict:
+        return {"history": [h.clone() for h in self.history], "temperature": self.temperature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [h.detach().float().cpu().clone() for h in state["history"]]
+        self.temperature = state["temperature"]
 
 
 class GradNorm:
@@ -56,7 +75,8 @@ class GradNorm:
         self.initial_losses: Tensor | None = None
 
     def update(self, losses: Tensor, weighted_grad_norms: Tensor) -> Tensor:
-        losses = losses.detach().float()
+        losses = _per_task("losses", losses, len(self.w)).detach().float()
+        weighted_grad_norms = _per_task("weighted_grad_norms", weighted_grad_norms, len(self.w))
         weighted = weighted_grad_norms.detach().float()
         w = self.w.to(losses.device)
         if self.initial_losses is None:
@@ -67,3 +87,12 @@ class GradNorm:
         w = (w - self.lr * torch.sign(weighted - target) * unweighted).clamp_min(1e-3)
         self.w = w * (len(w) / w.sum())
         return self.w.clone()
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.clone(), "initial_losses": None if self.initial_losses is None
+                else self.initial_losses.clone(), "alpha": self.alpha, "lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w = state["w"].clone()
+        self.initial_losses = None if state["initial_losses"] is None else state["initial_losses"].clone()
+        self.alpha, self.lr = state["alpha"], state["lr"]
