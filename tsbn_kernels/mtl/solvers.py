@@ -105,20 +105,20 @@ def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
     rounds_p, rounds_q = _round_robin_pairs(n)
     all_p = torch.tensor(rounds_p, device=M.device)
     all_q = torch.tensor(rounds_q, device=M.device)
-    # Where each round's rotation entries go: (p,p), (q,q), (p,q), (q,p) of every pair.
+    # Where each round reads (p,p), (q,q), (p,q) of every pair, and where its rotation entries go: those and (q,p).
+    read_rows = torch.cat([all_p, all_q, all_p], dim=1)
+    read_cols = torch.cat([all_p, all_q, all_q], dim=1)
     rotation_rows = torch.cat([all_p, all_q, all_p, all_q], dim=1)
     rotation_cols = torch.cat([all_p, all_q, all_q, all_p], dim=1)
     eye = torch.eye(n, dtype=torch.float64, device=M.device)
-    half_pi = math.pi / 2
-    for _ in range(sweeps):
+    half = n // 2
+    for _ in range(sweeps):          # ~17 small kernels a round: a GPU runs this launch-bound, or in a CUDA graph
         for r in range(n - 1):
-            p, q = all_p[r], all_q[r]
-            app, aqq, apq = A[p, p], A[q, q], A[p, q]
-            # tan 2θ = 2·apq / (aqq − app) zeroes A[p, q]; the root with |θ| ≤ π/4 (the one Jacobi converges with).
-            two_theta = torch.atan2(2 * apq, aqq - app)
-            two_theta = torch.where(two_theta > half_pi, two_theta - math.pi,
-                                    torch.where(two_theta < -half_pi, two_theta + math.pi, two_theta))
-            c, s = torch.cos(two_theta / 2), torch.sin(two_theta / 2)
+            app, aqq, apq = A[read_rows[r], read_cols[r]].view(3, half)
+            # tan 2θ = 2·apq / (aqq − app) zeroes A[p, q]; the root with |θ| ≤ π/4 (the one Jacobi converges with):
+            # 2θ from atan2 brought into [−π/2, π/2).
+            two_theta = torch.remainder(torch.atan2(2 * apq, aqq - app) + math.pi / 2, math.pi) - math.pi / 2
+            c, s = torch.cos(0.5 * two_theta), torch.sin(0.5 * two_theta)
             J = eye.index_put((rotation_rows[r], rotation_cols[r]), torch.cat([c, c, s, -s]))
             A = J.T @ A @ J
             V = V @ J
