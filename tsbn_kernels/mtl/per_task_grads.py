@@ -167,6 +167,14 @@ class OneBackward:
                                  "Convert it (tk.convert_batchnorm), put it in eval mode, or use "
                                  "mtl.autograd_gradients")
 
+    def _task_sizes(self, ids: Tensor) -> tuple[int, ...]:
+        """Samples per task, to split the rows: the counts the norms' validation read on the host for this very
+        ids tensor (so no second synchronisation), else read here."""
+        from .. import validation
+
+        sizes = validation._checked_counts.get(ids, self.num_tasks)
+        return sizes if sizes is not None else tuple(torch.bincount(ids, minlength=self.num_tasks).tolist())
+
     def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
                   ) -> tuple[Tensor, list[Tensor | None]]:
         losses = _stack_losses(losses)
@@ -209,10 +217,10 @@ class OneBackward:
                 weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
             else:
                 repeats = x.shape[0] // batch
-                if repeats not in orders:      # one host sync per layout: the task sizes, to split the rows
+                if repeats not in orders:
                     row_ids = ids if repeats == 1 else ids.repeat_interleave(repeats)
-                    counts = torch.bincount(row_ids, minlength=self.num_tasks)
-                    orders[repeats] = (torch.argsort(row_ids, stable=True), counts.tolist())
+                    orders[repeats] = (torch.argsort(row_ids, stable=True),
+                                       [n * repeats for n in self._task_sizes(ids)])
                 weight_grads, bias_grads = _per_task_grads_by_rows(module, x, dy, *orders[repeats])
             start, size = layout[id(module.weight)]
             G[:, start:start + size] += weight_grads.reshape(self.num_tasks, -1).to(G.dtype)
