@@ -94,9 +94,10 @@ def pipeline_step(benchmark: str, contender: str):
     channels_last = AMP is not None and benchmark != "celeba"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.stem_once = contender != "fused"
-    convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    shared = [p for m in convs for p in m.parameters()]
+    # Both contenders run the stem once (mtl.replicate); the shared parameters are what tsbn-train aggregates.
+    convs = model.split_layers()
+    shared = model.shared_parameters()
+    before_replication = model.before_replication_parameters()
     shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
     batch = {k: v.to(DEVICE) for k, v in check.random_batch(benchmark, n, size, torch.Generator().manual_seed(0)).items()}
@@ -110,7 +111,8 @@ def pipeline_step(benchmark: str, contender: str):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(DEVICE, dtype=AMP, enabled=AMP is not None):
             if contender == "fused":
-                with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
+                with mtl.OneBackward(model, model.num_tasks, modules=convs,
+                                     before_replication=before_replication) as capture:
                     task_losses = losses_fn(model(batch["image"]), batch).float()
             else:
                 task_losses = losses_fn(model(batch["image"]), batch).float()

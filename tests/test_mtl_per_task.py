@@ -426,3 +426,48 @@ def test_loss_weightings_check_the_task_count_and_resume_exactly():
                 assert torch.equal(a.weights(), b.weights())
             else:
                 assert torch.equal(a.update(losses, norms), b.update(losses, norms))
+
+
+class ReplicatingNet(nn.Module):
+    """A stem and a learned position term run once on the N samples, then mtl.replicate, then task-specific norms."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.position = nn.Parameter(torch.randn(1, 4, 6, 6))
+        self.bn = tk.TSBatchNorm2d(4, T)
+        self.body = nn.Conv2d(4, 2, 3, padding=1)
+        self.leak = leak
+
+    def forward(self, x):
+        replicated = mtl.replicate(self.stem(x) + self.position, T)
+        out = self.body(torch.relu(self.bn(replicated)))
+        return out + self.position.mean() if self.leak else out     # leak: a use that bypasses the replication
+
+
+def test_one_backward_splits_what_runs_before_mtl_replicate(conv_split):
+    """The stem computed once (DESIGN.md §1) with exact per-task gradients for its layers and for parameters used
+    before the replication; a parameter that also reaches the losses another way is refused, not mis-split."""
+    torch.manual_seed(2)
+    net = ReplicatingNet().double()
+    x = torch.randn(N, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(mtl.replicate(x, T), x.repeat(T, 1, 1, 1))
+    with mtl.OneBackward(net, T, before_replication=[net.position]) as capture:
+        losses = _block_losses(net(x))
+    assert [id(p) for p in capture.params] == [id(p) for p in (*net.stem.parameters(), *net.body.parameters(),
+                                                                 net.position)]
+    G, _ = capture.gradients(losses)
+    want = mtl.autograd_gradients(_block_losses(net(x)), capture.params)
+    torch.testing.assert_close(G, want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(G[0], G[1])
+
+    leaky = ReplicatingNet(leak=True).double()
+    with mtl.OneBackward(leaky, T, before_replication=[leaky.position]) as capture:
+        losses = _block_losses(leaky(x))
+    with pytest.raises(ValueError, match="used before mtl.replicate also reaches the losses another way"):
+        capture.gradients(losses)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), tk.TSBatchNorm2d(4, T)).double()
+    with mtl.OneBackward(plain, T, before_replication=[net.position]) as capture:
+        losses = _block_losses(plain(x.repeat(T, 1, 1, 1)))
+    with pytest.raises(ValueError, match="did not replicate the batch with mtl.replicate"):
+        capture.gradients(losses)

@@ -83,7 +83,7 @@ def ts_batch_norm(
     if num_tasks is None:
         num_tasks = next(t.shape[0] for t in (weight, bias, running_mean) if t is not None)
     acc = accumulation_dtype(x.dtype)
-    batch, channels = x.shape[0], x.shape[1]
+    batch = x.shape[0]
     spatial = math.prod(x.shape[2:])
     ids = task_index(task_ids, batch, num_tasks, x.device)
     xa = x.to(acc)

@@ -14,14 +14,14 @@ from torch import Tensor
 
 from .gramian import combine, combine_blocks, gramian, gramian_blocks
 from .loss_weighting import DynamicWeightAverage, GradNorm, UncertaintyWeighting
-from .per_task_grads import OneBackward, autograd_gradients
+from .per_task_grads import OneBackward, autograd_gradients, replicate
 from .training import backward_aggregated
 from .weightings import WEIGHTINGS
 
 METHODS = tuple(WEIGHTINGS)
 __all__ = ["METHODS", "DynamicWeightAverage", "GradNorm", "OneBackward", "UncertaintyWeighting", "aggregate",
            "autograd_gradients", "backward_aggregated", "combine", "combine_blocks", "gramian", "gramian_blocks",
-           "raise_if_nonfinite", "weights"]
+           "raise_if_nonfinite", "replicate", "weights"]
 
 
 # Not traced by torch.compile: the solvers are fixed-iteration loops (hundreds of steps on a T×T matrix), which

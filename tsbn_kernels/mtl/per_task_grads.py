@@ -13,12 +13,33 @@ Fallback (any model): T autograd passes, one per task loss.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# The captures whose `with` block is running, innermost last: replicate() reports to the innermost one.
+_active: list["OneBackward"] = []
+# Models whose parameters before mtl.replicate were checked to reach the losses only through it.
+_replication_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def replicate(x: Tensor, num_tasks: int) -> Tensor:
+    """x repeated num_tasks times along dim 0 (task-major blocks): the replicated batch from the part of a model
+    that runs once on the N input samples (DESIGN.md §1: the layers before the first task-specific norm).
+
+    Outside a OneBackward capture this is ``x.repeat(num_tasks, 1, ...)``. Inside one, it marks the point after
+    which every layer sees the replicated batch: the parameters used before it (a stem convolution, a ViT's
+    position embedding and class token) get their per-task gradients from the gradient of each task's block of
+    the result, so the shared part before the replication need not run T times."""
+    out = x.repeat(num_tasks, *([1] * (x.dim() - 1)))
+    if _active:
+        _active[-1]._record_replication(x, out)
+    return out
 
 
 def _stack_losses(losses: Tensor | Sequence[Tensor]) -> Tensor:
@@ -55,17 +76,20 @@ class OneBackward:
     ``capture.params`` lists the parameters in G's column order (weights then biases of each layer, in
     module order, each once). Parameters in ``other_params`` (task-specific ones) get their ordinary gradient of
     Σ losses. Per-sample task ids (``tk.task_ids(ids)`` or ``task_ids=`` of the task-specific norms) work too:
-    each layer's weight gradient is then split by the ids the norms used instead of by blocks.
+    each layer's weight gradient is then split by the ids the norms used instead of by blocks. The part of the
+    model that runs once before ``mtl.replicate`` (a stem; pass raw parameters used there, such as a position
+    embedding, as ``before_replication``) gets exact per-task gradients from the replicated tensor's blocks.
 
     The split is exact only when the captured layers run on the batch the task-specific norms see and nothing
     else mixes samples of different tasks; what breaks that raises a ValueError naming the layer instead of
-    giving wrong gradients: a captured layer that ran on another batch (a stem run once before the
-    replication, a per-task head), a BatchNorm with batch statistics over the tasks' samples, a captured
+    giving wrong gradients: a captured layer that ran on another batch (a stem run once and replicated without
+    mtl.replicate, a per-task head), a BatchNorm with batch statistics over the tasks' samples, a captured
     layer whose weight got a gradient without its forward being called (``nn.MultiheadAttention`` uses its
     ``out_proj`` weight that way). Batch-first layouts only: a Linear's input splits along dim 0.
     """
 
-    def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None):
+    def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None,
+                 before_replication: Iterable[Tensor] = ()):
         from ..modules import TSLayerNorm, _TSBatchNorm
 
         self.num_tasks = num_tasks
@@ -79,8 +103,14 @@ class OneBackward:
         if not self.modules:
             raise ValueError("OneBackward found no Conv/Linear layer with trainable weights to split by task")
         # Tied weights (one Parameter in two layers) get one column range, into which both layers' parts add.
-        self.params = list({id(p): p for m in self.modules for p in (m.weight, m.bias)
+        # before_replication: parameters used before mtl.replicate other than the captured layers' (a ViT's
+        # position embedding and class token); their per-task gradients come from the replicated blocks too.
+        self.params = list({id(p): p for p in [*(q for m in self.modules for q in (m.weight, m.bias)),
+                                                *before_replication]
                             if p is not None and p.requires_grad}.values())
+        self._extra_pre = [p for p in before_replication if p.requires_grad]
+        self._replications: list[tuple[Tensor, Tensor]] = []
+        self._model = model
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -90,6 +120,8 @@ class OneBackward:
         self._handles = []
 
     def __enter__(self) -> "OneBackward":
+        _active.append(self)
+        self._replications.clear()
         self._records.clear()
         self._norm_calls.clear()
         self._batch_stat_calls.clear()
@@ -100,9 +132,14 @@ class OneBackward:
         return self
 
     def __exit__(self, *exc) -> None:
+        _active.remove(self)
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    @torch.compiler.disable
+    def _record_replication(self, x: Tensor, out: Tensor) -> None:
+        self._replications.append((x, out))
 
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
@@ -148,8 +185,25 @@ class OneBackward:
                              "needs one task layout for the whole forward")
         return rows.pop(), first
 
-    def _check_layout(self, batch: int, ids: Tensor | None) -> None:
+    def _before_replication(self, batch: int, ids: Tensor | None) -> set[int]:
+        """ids of the recorded layers that ran before mtl.replicate (on batch / T rows)."""
+        if not self._replications:
+            return set()
+        if len(self._replications) > 1:
+            raise ValueError(f"mtl.replicate ran {len(self._replications)} times in one captured forward; "
+                             "OneBackward needs one replication point")
+        if ids is not None:
+            raise ValueError("mtl.replicate builds task-major blocks; it cannot be combined with per-sample task_ids")
+        _, replicated = self._replications[0]
+        if replicated.shape[0] != batch:
+            raise ValueError(f"mtl.replicate produced {replicated.shape[0]} rows but the task-specific norms "
+                             f"normalized {batch}")
+        return {id(m) for m, x, _ in self._records if x.shape[0] * self.num_tasks == batch}
+
+    def _check_layout(self, batch: int, ids: Tensor | None, before: set[int] = frozenset()) -> None:
         for module, x, _ in self._records:
+            if id(module) in before:
+                continue
             if x.shape[0] % batch:
                 raise ValueError(f"{self._name(module)} ran on {x.shape[0]} rows, not on the batch of {batch} rows "
                                  "that the task-specific norms normalize (nor on a multiple of it): its weight "
@@ -182,21 +236,34 @@ class OneBackward:
             raise ValueError(f"got {losses.shape[0]} losses for {self.num_tasks} tasks")
         if not self._records:
             raise RuntimeError("no forward was recorded: compute the losses inside `with capture:`")
-        records = self._records
         batch, ids = self._task_layout()
-        self._check_layout(batch, ids)
+        before = self._before_replication(batch, ids)
+        self._check_layout(batch, ids, before)
+        records = [r for r in self._records if id(r[0]) not in before]
+        pre_params = list({id(p): p for p in [*(q for m, _, _ in self._records if id(m) in before
+                                                for q in (m.weight, m.bias)), *self._extra_pre]
+                           if p is not None and p.requires_grad}.values())
+        if self._extra_pre and not self._replications:
+            raise ValueError("OneBackward was given before_replication parameters but the forward did not "
+                             "replicate the batch with mtl.replicate")
+        replicated = [self._replications[0][1]] if pre_params else []
         outputs = [out for _, _, out in records]
         other_params = list(other_params)
         # A captured layer whose forward never ran may still own weights the forward used (functionally, as
         # nn.MultiheadAttention uses out_proj.weight): asking autograd for them tells an unused layer (no
         # gradient, zero columns are right) from one whose per-task split would be missing.
-        recorded = {id(m) for m, _, _ in records}
+        recorded = {id(m) for m, _, _ in self._records}
         unrecorded = [p for m in self.modules if id(m) not in recorded for p in (m.weight, m.bias)
                       if p is not None and p.requires_grad]
-        grads = torch.autograd.grad(losses.sum(), outputs + other_params + unrecorded, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), outputs + other_params + unrecorded + replicated + pre_params,
+                                    allow_unused=True, retain_graph=bool(pre_params))
         out_grads = grads[:len(outputs)]
         other_grads = list(grads[len(outputs):len(outputs) + len(other_params)])
-        for p, g in zip(unrecorded, grads[len(outputs) + len(other_params):]):
+        tail = grads[len(outputs) + len(other_params):]
+        unrecorded_grads, replicated_grads, pre_sums = (tail[:len(unrecorded)],
+                                                        tail[len(unrecorded):len(unrecorded) + len(replicated)],
+                                                        tail[len(unrecorded) + len(replicated):])
+        for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
                 owner = next(m for m in self.modules if p is m.weight or p is m.bias)
                 raise ValueError(f"{self._name(owner)}'s parameters got a gradient but its forward was never "
@@ -227,10 +294,48 @@ class OneBackward:
             if module.bias is not None and module.bias.requires_grad:
                 start, size = layout[id(module.bias)]
                 G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
+        if pre_params and replicated_grads[0] is not None:
+            self._per_task_grads_before_replication(G, layout, replicated[0], replicated_grads[0], pre_params,
+                                                    pre_sums)
         self._records = []
         self._norm_calls = []
         self._batch_stat_calls = []
+        self._replications = []
         return G, other_grads
+
+    def _per_task_grads_before_replication(self, G: Tensor, layout: dict, replicated: Tensor, grad: Tensor,
+                                           params: list[Tensor], summed: Sequence[Tensor | None]) -> None:
+        """Rows of G for the parameters used before mtl.replicate: task t's gradient is the backward of block t of
+        the replicated tensor's gradient alone, through the part that ran once (T backward passes over it)."""
+        T = self.num_tasks
+        rows = replicated.shape[0] // T
+        per_task = []
+        for t in range(T):
+            block = torch.zeros_like(grad)
+            block[t * rows:(t + 1) * rows] = grad[t * rows:(t + 1) * rows]
+            per_task.append(torch.autograd.grad(replicated, params, block, retain_graph=t < T - 1,
+                                                allow_unused=True))
+        if self._model not in _replication_checked:
+            # Once per model (a host sync; a training loop makes a new capture each step): the parameters must reach
+            # the losses only through the replicated tensor, else the blocks' gradients do not add up to theirs
+            # and the split would be wrong.
+            # Measured against the largest of these gradients: a stem bias under a norm has ~0 gradient, all
+            # rounding.
+            scale = max((float(g.abs().max()) for g in summed if g is not None), default=0.0)
+            for i, (p, total) in enumerate(zip(params, summed)):
+                parts = [g[i] for g in per_task if g[i] is not None]
+                got = torch.stack(parts).sum(dim=0) if parts else None
+                if (total is None) != (got is None) or (total is not None and not torch.allclose(
+                        got, total, rtol=1e-4, atol=1e-5 * scale + 1e-30)):
+                    raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
+                                     f"(shape {tuple(p.shape)}): its gradient does not split by task block; use "
+                                     "the replicated tensor alone after mtl.replicate")
+            _replication_checked.add(self._model)
+        for t, grads in enumerate(per_task):
+            for p, g in zip(params, grads):
+                if g is not None:
+                    start, size = layout[id(p)]
+                    G[t, start:start + size] += g.reshape(-1).to(G.dtype)
 
 
 # Per-block weight-gradient work (multiply-adds) from which one convolution per block beats one grouped convolution

@@ -68,7 +68,6 @@ def mgda(M: Tensor, iterations: int = 500) -> Tensor:
 
 
 def cagrad(M: Tensor, c: float = 0.5, rescale: bool = True, iterations: int = 300) -> Tensor:
-    T = M.shape[0]
     b = mean(M)
     g0_norm = (M.mean() + 1e-8).sqrt()
     radius = c * g0_norm + 1e-8

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
 from .. import mtl
 from . import pascal_data
@@ -83,7 +82,6 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
     torch.manual_seed(0)
     eager = build_model(benchmark, width=width, head_width=4 * width, backend="eager",
                         image_size=tuple(size)).to(device, dtype)
-    eager.stem_once = False
     fused = copy.deepcopy(eager)
     fused.set_backend(backend)
     losses_fn = celeba_losses if benchmark == "celeba" else dense_losses
@@ -91,8 +89,7 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
     # Plain SGD: a parameter difference is then lr × a gradient difference. (Adam's first step, ±lr·sign(g), would
     # turn float noise in near-zero gradients into full-size differences.)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-2) for k, m in models.items()}
-    shared = {k: [p for mod in m.encoder.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)) for p in mod.parameters()]
-              for k, m in models.items()}
+    shared = {k: m.shared_parameters() for k, m in models.items()}
     task_params = {k: [p for p in m.parameters() if all(p is not s for s in shared[k])] for k, m in models.items()}
     tol = TOLERANCE[dtype]
     ok = True
@@ -113,8 +110,8 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
                 generator = torch.Generator(device=device).manual_seed(step)
                 kwargs = {"generator": generator} if method == "pcgrad" else {}
                 if name == "fused":
-                    modules = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-                    with mtl.OneBackward(model, model.num_tasks, modules=modules) as capture:
+                    with mtl.OneBackward(model, model.num_tasks, modules=model.split_layers(),
+                                         before_replication=model.before_replication_parameters()) as capture:
                         losses = losses_fn(model(batch["image"]), batch)
                     mtl.backward_aggregated(losses, method=method, capture=capture, task_params=task_params[name],
                                             **kwargs)

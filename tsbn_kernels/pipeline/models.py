@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..mtl.per_task_grads import replicate as replicate_batch
+
 from ..convert import convert_batchnorm, convert_layernorm
 from ..modules import TSLayerNorm, _TSBatchNorm
 from .vit import VisionTransformer, load_timm_state, vit_small
@@ -103,7 +105,7 @@ class ResNet(nn.Module):
             x = x.repeat(replicate, *([1] * (x.dim() - 1)))
         x = self.conv1(x)
         if replicate > 1 and stem_once:   # each task's block starts at the first (task-specific) norm
-            x = x.repeat(replicate, *([1] * (x.dim() - 1)))
+            x = replicate_batch(x, replicate)
         x = self.maxpool(self.relu(self.bn1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -146,8 +148,8 @@ class MultiTaskNet(nn.Module):
 
     def __init__(self, encoder: ResNet, heads: dict[str, nn.Module], norm: str = "tssigmabn", backend: str = "auto"):
         super().__init__()
-        # stem_once=False replicates the input instead of the stem's output: the stem then sees T·N rows, which
-        # per-task gradients from one backward (mtl.OneBackward) need; the outputs are the same.
+        # stem_once=False replicates the input instead of the stem's output (the outputs are the same); with
+        # stem_once the replication is mtl.replicate, after which mtl.OneBackward splits the stem's gradients too.
         self.stem_once = True
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -162,6 +164,22 @@ class MultiTaskNet(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters outside its task-specific norms: the ones gradient aggregation combines."""
+        task_specific = {id(p) for m in self.encoder.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))
+                         for p in m.parameters()}
+        return [p for p in self.encoder.parameters() if id(p) not in task_specific]
+
+    def split_layers(self) -> list[nn.Module]:
+        """The encoder's Conv2d/Linear layers, whose weight gradients mtl.OneBackward splits by task block."""
+        return [m for m in self.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def before_replication_parameters(self) -> list[nn.Parameter]:
+        """Shared parameters outside the split layers (a ViT's class token and position embedding): used before
+        mtl.replicate, so that OneBackward gives their per-task gradients too."""
+        in_layers = {id(p) for m in self.split_layers() for p in m.parameters()}
+        return [p for p in self.shared_parameters() if id(p) not in in_layers]
 
     def set_backend(self, backend: str) -> None:
         for m in self.encoder.modules():

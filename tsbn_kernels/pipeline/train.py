@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .. import mtl
@@ -294,14 +293,14 @@ def train(args, context: dist_mod.Context) -> int:
         epoch, step, history = state["epoch"], state["step"], state["history"]
         set_rng_state(state["rng"])
         aggregator_rng.set_state(state["rng"]["aggregator"])
-    convs = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    shared = [p for m in convs for p in m.parameters()]
+    convs = model.split_layers()
+    shared = model.shared_parameters()
+    before_replication = model.before_replication_parameters()
     shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
     model_dtype = getattr(torch, args.dtype)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     use_one_backward = args.norm != "bn" and args.aggregator != "sum"
-    model.stem_once = not use_one_backward
     recorder = None
     if context.is_main and args.norm != "bn":   # the recorder follows the task-specific gates
         try:
@@ -327,7 +326,8 @@ def train(args, context: dist_mod.Context) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     if use_one_backward:
-                        with mtl.OneBackward(model, model.num_tasks, modules=convs) as capture:
+                        with mtl.OneBackward(model, model.num_tasks, modules=convs,
+                                             before_replication=before_replication) as capture:
                             losses = losses_fn(model(image), batch)
                     else:
                         losses = losses_fn(model(image), batch)

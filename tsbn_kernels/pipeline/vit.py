@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..mtl.per_task_grads import replicate as replicate_batch
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, dim: int):
@@ -107,7 +109,7 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = tokens + self._position_embedding(grid)
         if replicate > 1 and stem_once:   # every task's block starts at block 0's (task-specific) norm1
-            tokens = tokens.repeat(replicate, 1, 1)
+            tokens = replicate_batch(tokens, replicate)
         tokens = self.norm(self.blocks(tokens))
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
