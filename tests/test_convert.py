@@ -202,3 +202,33 @@ def test_a_shared_norm_stays_one_shared_layer():
     assert body[1] is body[4] is model["b"][0]
     assert isinstance(model["ln1"], tk.TSLayerNorm) and model["ln1"] is model["ln2"]
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "none"])
+def test_converted_transformer_encoder_in_inference(gate):
+    """nn.TransformerEncoder(Layer)'s inference fast paths (a fused kernel reading the norms' weights as [D], nested
+    tensors for padding masks) cannot hold task-specific norms: after conversion eval, no_grad and inference_mode
+    compute what the layers' plain path computes, per-sample task ids included."""
+    torch.manual_seed(0)
+
+    def encoder():
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        return tk.convert_layernorm(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), 3, gate=gate)
+    model, plain = encoder(), encoder()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tk.TSLayerNorm):
+                m.weight.normal_()
+        plain.load_state_dict(model.state_dict())
+    model.eval()
+    plain.train()           # training mode takes the plain path (dropout is 0)
+    x = torch.randn(6, 5, 8)
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    mask[:, -1] = True
+    with tk.task_ids(torch.tensor([0, 1, 2, 0, 1, 2])):
+        want = plain(x, src_key_padding_mask=mask)
+        for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with mode():
+                got = model(x, src_key_padding_mask=mask)
+            torch.testing.assert_close(got[:, :-1], want[:, :-1].detach(), rtol=1e-5, atol=1e-5)

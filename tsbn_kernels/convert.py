@@ -120,7 +120,17 @@ def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
         return _convert_layer_norm(m, num_tasks, gate, bias, gate_init, backend) if isinstance(m, nn.LayerNorm) \
             else None
 
-    return _replace_modules(module, convert, {})
+    converted = _replace_modules(module, convert, {})
+    for m in converted.modules():
+        # nn.TransformerEncoderLayer takes a fused inference fast path that reads norm1/norm2.weight and .bias as
+        # [D] tensors: with [T, D] gates it would fail or compute garbage; nn.TransformerEncoder would turn the
+        # input into a nested tensor, which task-specific norms cannot split by task. These flags gate only those
+        # fast paths; the layers' math is unchanged.
+        if isinstance(m, nn.TransformerEncoderLayer) and isinstance(getattr(m, "norm1", None), modules.TSLayerNorm):
+            m.activation_relu_or_gelu = False
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(n, modules.TSLayerNorm) for n in m.modules()):
+            m.use_nested_tensor = False
+    return converted
 
 
 def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
