@@ -7,6 +7,8 @@ import functools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import optimize
 
 from tsbn_kernels import mtl
@@ -310,3 +312,32 @@ def test_scale_free_weightings_ignore_the_gradients_magnitude(method, scale):
     want = mtl.weights(G @ G.T, method, **kwargs())
     small = G * scale
     torch.testing.assert_close(mtl.weights(small @ small.T, method, **kwargs()), want, rtol=2e-4, atol=2e-5)
+
+
+@st.composite
+def degenerate_gradients(draw):
+    """Random rows, some zeroed, duplicated, negated or rescaled by up to 1e6, the whole at 1e-12..1e8, float32."""
+    T, P = draw(st.integers(1, 8)), draw(st.integers(1, 24))
+    G = random_rows(T, P, seed=draw(st.integers(0, 2**31 - 1)))
+    for i in range(T):
+        kind, j = draw(st.sampled_from(["keep", "keep", "zero", "copy", "negate", "scale"])), draw(st.integers(0, T - 1))
+        if kind == "zero":
+            G[i] = 0
+        elif kind == "copy":
+            G[i] = G[j]
+        elif kind == "negate":
+            G[i] = -G[j]
+        elif kind == "scale":
+            G[i] = G[j] * draw(st.sampled_from([1e-6, 1e-3, 1e3, 1e6]))
+    return (G * 10.0 ** draw(st.integers(-12, 8))).float()
+
+
+@given(degenerate_gradients(), st.sampled_from(list(mtl.METHODS)))
+def test_property_every_method_finite_and_upgrad_conflicts_with_no_task(G, method):
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if method == "pcgrad" else {}
+    direction, w = mtl.aggregate(G, method, return_weights=True, **kwargs)
+    assert torch.isfinite(w).all() and torch.isfinite(direction).all()
+    if method in ("upgrad", "dualproj"):
+        G64, d = G.double(), direction.double()
+        largest = G64.norm(dim=1).max().item()
+        assert (G64 @ d).min().item() >= -1e-3 * largest * max(largest, d.norm().item())
