@@ -6,6 +6,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from torch import nn
 
 import tsbn_kernels as tk
@@ -471,3 +473,53 @@ def test_one_backward_splits_what_runs_before_mtl_replicate(conv_split):
         losses = _block_losses(plain(x.repeat(T, 1, 1, 1)))
     with pytest.raises(ValueError, match="did not replicate the batch with mtl.replicate"):
         capture.gradients(losses)
+
+
+class RandomLayoutNet(nn.Module):
+    """A stem (run once then mtl.replicate, or on the replicated batch), TSσBN, a strided/dilated/grouped conv,
+    TSσLN over the tokens, a Linear on [B, L, D] tokens or on their flattened rows."""
+
+    def __init__(self, num_tasks, groups, stride, dilation, stem_once, tokens_3d):
+        super().__init__()
+        self.num_tasks, self.stem_once, self.tokens_3d = num_tasks, stem_once, tokens_3d
+        self.stem = nn.Conv2d(3, 2 * groups, 3, padding=1)
+        self.bn = tk.TSBatchNorm2d(2 * groups, num_tasks, activation="relu")
+        self.conv = nn.Conv2d(2 * groups, 2 * groups, 3, stride=stride, padding=dilation, dilation=dilation,
+                              groups=groups)
+        self.ln = tk.TSLayerNorm(2 * groups, num_tasks)
+        self.fc = nn.Linear(2 * groups, 3)
+
+    def forward(self, x, ids=None):
+        h = self.stem(x)
+        if self.stem_once:
+            h = mtl.replicate(h, self.num_tasks)
+        tokens = self.ln(self.conv(self.bn(h, ids)).flatten(2).transpose(1, 2), ids)
+        out = self.fc(tokens if self.tokens_3d else tokens.reshape(-1, tokens.shape[-1]))
+        return out.reshape(tokens.shape[0], -1)
+
+
+@example(1, 2, "stem_once", 1, 1, 1, False, False, 0)   # T = 1: every layer sees N rows; order tells the stem
+@given(st.integers(1, 4), st.integers(2, 4), st.sampled_from(["blocks", "stem_once", "ragged"]), st.integers(1, 2),
+       st.sampled_from([1, 2]), st.integers(1, 2), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_property_one_backward_equals_autograd(num_tasks, n, layout, stride, groups, dilation, tokens_3d, loop,
+                                                seed):
+    """Random layouts (task-major blocks, the stem once, interleaved per-sample ids; T = 1 included) and layer
+    shapes: one backward equals T autograd passes over the same parameters in float64."""
+    from tsbn_kernels.mtl import per_task_grads
+
+    torch.manual_seed(seed)
+    net = RandomLayoutNet(num_tasks, groups, stride, dilation, layout == "stem_once", tokens_3d).double()
+    x = torch.randn(n if layout == "stem_once" else num_tasks * n, 3, 5, 6, dtype=torch.float64)
+    ids = (torch.arange(num_tasks * n) % num_tasks)[torch.randperm(num_tasks * n)] if layout == "ragged" else None
+
+    def losses(out):
+        if ids is None:
+            return _block_losses(out, num_tasks)
+        return torch.stack([(out[ids == t] ** 2).mean() * (t + 1) for t in range(num_tasks)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(per_task_grads, "LOOP_MIN_BLOCK_MACS", 0 if loop else 1e30)
+        with mtl.OneBackward(net, num_tasks) as capture:
+            task_losses = losses(net(x, ids))
+        G, _ = capture.gradients(task_losses)
+    torch.testing.assert_close(G, mtl.autograd_gradients(losses(net(x, ids)), capture.params), rtol=1e-9,
+                               atol=1e-11)

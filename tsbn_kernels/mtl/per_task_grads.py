@@ -139,7 +139,8 @@ class OneBackward:
 
     @torch.compiler.disable
     def _record_replication(self, x: Tensor, out: Tensor) -> None:
-        self._replications.append((x, out))
+        # The layers recorded so far ran before the replication (on the N samples).
+        self._replications.append((x, out, len(self._records)))
 
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
@@ -186,7 +187,7 @@ class OneBackward:
         return rows.pop(), first
 
     def _before_replication(self, batch: int, ids: Tensor | None) -> set[int]:
-        """ids of the recorded layers that ran before mtl.replicate (on batch / T rows)."""
+        """Indices of the records of layers that ran before mtl.replicate."""
         if not self._replications:
             return set()
         if len(self._replications) > 1:
@@ -194,15 +195,15 @@ class OneBackward:
                              "OneBackward needs one replication point")
         if ids is not None:
             raise ValueError("mtl.replicate builds task-major blocks; it cannot be combined with per-sample task_ids")
-        _, replicated = self._replications[0]
+        _, replicated, recorded_before = self._replications[0]
         if replicated.shape[0] != batch:
             raise ValueError(f"mtl.replicate produced {replicated.shape[0]} rows but the task-specific norms "
                              f"normalized {batch}")
-        return {id(m) for m, x, _ in self._records if x.shape[0] * self.num_tasks == batch}
+        return set(range(recorded_before))
 
     def _check_layout(self, batch: int, ids: Tensor | None, before: set[int] = frozenset()) -> None:
-        for module, x, _ in self._records:
-            if id(module) in before:
+        for i, (module, x, _) in enumerate(self._records):
+            if i in before:
                 continue
             if x.shape[0] % batch:
                 raise ValueError(f"{self._name(module)} ran on {x.shape[0]} rows, not on the batch of {batch} rows "
@@ -239,8 +240,8 @@ class OneBackward:
         batch, ids = self._task_layout()
         before = self._before_replication(batch, ids)
         self._check_layout(batch, ids, before)
-        records = [r for r in self._records if id(r[0]) not in before]
-        pre_params = list({id(p): p for p in [*(q for m, _, _ in self._records if id(m) in before
+        records = [r for i, r in enumerate(self._records) if i not in before]
+        pre_params = list({id(p): p for p in [*(q for i, (m, _, _) in enumerate(self._records) if i in before
                                                 for q in (m.weight, m.bias)), *self._extra_pre]
                            if p is not None and p.requires_grad}.values())
         if self._extra_pre and not self._replications:
