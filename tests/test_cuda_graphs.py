@@ -49,6 +49,26 @@ def test_aggregate_replays(method):
         torch.testing.assert_close(out, mtl.aggregate(fresh, method), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", mtl.METHODS)
+def test_weightings_never_synchronise(method):
+    """CUDA's sync debug mode turns any host synchronisation into an error: each weighting on a GPU Gramian (random
+    and with exactly opposed tasks), and the whole aggregation with check_finite=False."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    G = torch.randn(5, 10_007, device=DEVICE, generator=g)
+    opposed = G.clone()
+    opposed[1] = -opposed[0]
+    kwargs = {"generator": torch.Generator(device=DEVICE).manual_seed(1)} if method == "pcgrad" else {}
+    for rows in (G, opposed):
+        mtl.aggregate(rows, method, check_finite=False, **kwargs)    # warm-up: lazy imports, cuBLAS/cuSOLVER handles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = mtl.aggregate(rows, method, check_finite=False, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(out).all()
+
+
 def test_pcgrad_replays_with_its_own_random_orders():
     G = torch.randn(4, 50_000, device=DEVICE)
     G[1] -= G[0]
