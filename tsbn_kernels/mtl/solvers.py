@@ -77,15 +77,16 @@ def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 30
     return x
 
 
-def _round_robin_pairs(n: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The n−1 rounds of a round-robin tournament on n (even) players: each round pairs every player once."""
-    players = list(range(n))
-    rounds_p, rounds_q = [], []
-    for _ in range(n - 1):
-        rounds_p.append(players[: n // 2])
-        rounds_q.append(players[n // 2:][::-1])
-        players = [players[0]] + [players[-1]] + players[1:-1]
-    return rounds_p, rounds_q
+def _round_robin_pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The n−1 rounds of a round-robin tournament on n (even) players, [n−1, n/2] each side: each round pairs every
+    player once (the circle method: player 0 fixed, the others rotating). Built on the device with tensor ops: a
+    host list copied there would be a synchronising copy, which a CUDA-graph capture refuses."""
+    rounds = torch.arange(n - 1, device=device).unsqueeze(1)
+    positions = torch.arange(n // 2, device=device).unsqueeze(0)
+
+    def player(position: Tensor) -> Tensor:
+        return torch.where(position == 0, 0, torch.remainder(position - 1 - rounds, n - 1) + 1)
+    return player(positions), player(n - 1 - positions)
 
 
 def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
@@ -102,9 +103,7 @@ def symmetric_eigh(M: Tensor, sweeps: int = 8) -> tuple[Tensor, Tensor]:
     V = torch.eye(n, dtype=torch.float64, device=M.device)
     if n == 1 or T == 0:
         return A.diagonal()[:T].clone(), V[:T, :T]
-    rounds_p, rounds_q = _round_robin_pairs(n)
-    all_p = torch.tensor(rounds_p, device=M.device)
-    all_q = torch.tensor(rounds_q, device=M.device)
+    all_p, all_q = _round_robin_pairs(n, M.device)
     # Where each round reads (p,p), (q,q), (p,q) of every pair, and where its rotation entries go: those and (q,p).
     read_rows = torch.cat([all_p, all_q, all_p], dim=1)
     read_cols = torch.cat([all_p, all_q, all_q], dim=1)
