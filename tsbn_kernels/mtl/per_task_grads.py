@@ -109,7 +109,7 @@ class OneBackward:
                                                 *before_replication]
                             if p is not None and p.requires_grad}.values())
         self._extra_pre = [p for p in before_replication if p.requires_grad]
-        self._replications: list[tuple[Tensor, Tensor]] = []
+        self._replications: list[tuple[Tensor, Tensor, int]] = []   # (input, replicated, records before it)
         self._model = model
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
