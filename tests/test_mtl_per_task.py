@@ -463,6 +463,14 @@ def test_one_backward_splits_what_runs_before_mtl_replicate(conv_split):
     torch.testing.assert_close(G, want, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(G[0], G[1])
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the blocks summed in bf16: the check allows for it
+        net32 = ReplicatingNet().float()
+        with mtl.OneBackward(net32, T, before_replication=[net32.position]) as capture:
+            losses = _block_losses(net32(x.float())).float()
+        G, _ = capture.gradients(losses)
+        want = mtl.autograd_gradients(_block_losses(net32(x.float())).float(), capture.params)
+    assert ((G - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-2
+
     leaky = ReplicatingNet(leak=True).double()
     with mtl.OneBackward(leaky, T, before_replication=[leaky.position]) as capture:
         losses = _block_losses(leaky(x))
