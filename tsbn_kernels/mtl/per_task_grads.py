@@ -19,7 +19,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import reference, validation
+from ..context import current_task_ids
+from ..modules import TSLayerNorm, _TSBatchNorm
+
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _weight_grad_fn(conv: nn.Module):
+    """torch.nn.grad's weight-gradient function for a Conv1d/2d/3d."""
+    return getattr(torch.nn.grad, f"conv{conv.weight.dim() - 2}d_weight")
 
 
 # The captures whose `with` block is running, innermost last: replicate() reports to the innermost one.
@@ -38,8 +47,13 @@ def replicate(x: Tensor, num_tasks: int) -> Tensor:
     the result, so the shared part before the replication need not run T times."""
     out = x.repeat(num_tasks, *([1] * (x.dim() - 1)))
     if _active:
-        _active[-1]._record_replication(x, out)
+        _active[-1]._record_replication(out)
     return out
+
+
+def unique(items: Iterable) -> list:
+    """The items in order, each object once (by identity: tensors compare elementwise)."""
+    return list({id(item): item for item in items}.values())
 
 
 def _stack_losses(losses: Tensor | Sequence[Tensor]) -> Tensor:
@@ -90,12 +104,10 @@ class OneBackward:
 
     def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None,
                  before_replication: Iterable[Tensor] = ()):
-        from ..modules import TSLayerNorm, _TSBatchNorm
-
         self.num_tasks = num_tasks
         candidates = modules if modules is not None else model.modules()
-        self.modules = list({id(m): m for m in candidates                 # each once: a hook per call site
-                             if isinstance(m, _SUPPORTED) and m.weight.requires_grad}.values())
+        self.modules = unique(m for m in candidates                       # each once: a hook per call site
+                              if isinstance(m, _SUPPORTED) and m.weight.requires_grad)
         for m in self.modules:
             if not isinstance(m, nn.Linear) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
                 raise ValueError(f"OneBackward supports convolutions with numeric zero padding; {m} has "
@@ -105,11 +117,11 @@ class OneBackward:
         # Tied weights (one Parameter in two layers) get one column range, into which both layers' parts add.
         # before_replication: parameters used before mtl.replicate other than the captured layers' (a ViT's
         # position embedding and class token); their per-task gradients come from the replicated blocks too.
-        self.params = list({id(p): p for p in [*(q for m in self.modules for q in (m.weight, m.bias)),
-                                                *before_replication]
-                            if p is not None and p.requires_grad}.values())
         self._extra_pre = [p for p in before_replication if p.requires_grad]
-        self._replications: list[tuple[Tensor, Tensor, int]] = []   # (input, replicated, records before it)
+        self.params = unique(p for p in [*(q for m in self.modules for q in (m.weight, m.bias)), *self._extra_pre]
+                             if p is not None and p.requires_grad)
+        # (replicated tensor, records before it, the precision the part before it ran in)
+        self._replications: list[tuple[Tensor, int, torch.dtype]] = []
         self._model = model
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
@@ -119,12 +131,13 @@ class OneBackward:
         self._batch_stat_calls: list[tuple[nn.Module, int]] = []
         self._handles = []
 
+    def _reset(self) -> None:
+        """Forget what a forward recorded."""
+        self._records, self._norm_calls, self._batch_stat_calls, self._replications = [], [], [], []
+
     def __enter__(self) -> "OneBackward":
         _active.append(self)
-        self._replications.clear()
-        self._records.clear()
-        self._norm_calls.clear()
-        self._batch_stat_calls.clear()
+        self._reset()
         self._handles = [m.register_forward_hook(self._record) for m in self.modules]
         self._handles += [m.register_forward_pre_hook(self._record_task_norm, with_kwargs=True)
                           for m in self._task_norms]
@@ -138,13 +151,12 @@ class OneBackward:
         self._handles = []
 
     @torch.compiler.disable
-    def _record_replication(self, x: Tensor, out: Tensor) -> None:
+    def _record_replication(self, out: Tensor) -> None:
         # The layers recorded so far ran before the replication (on the N samples). The precision they ran in
         # (autocast's dtype, else the tensor's) bounds how exactly their blocks' gradients can add up.
         device = out.device.type
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.dtype
-        self._replications.append((x, out, len(self._records)))
-        self._replication_precision = low
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.dtype
+        self._replications.append((out, len(self._records), precision))
 
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
@@ -162,8 +174,6 @@ class OneBackward:
 
     @torch.compiler.disable
     def _record_task_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        from ..context import current_task_ids
-
         ids = kwargs.get("task_ids", args[1] if len(args) > 1 else None)
         self._norm_calls.append((module, args[0].shape[0], current_task_ids() if ids is None else ids))
 
@@ -199,7 +209,7 @@ class OneBackward:
                              "OneBackward needs one replication point")
         if ids is not None:
             raise ValueError("mtl.replicate builds task-major blocks; it cannot be combined with per-sample task_ids")
-        _, replicated, recorded_before = self._replications[0]
+        replicated, recorded_before, _ = self._replications[0]
         if replicated.shape[0] != batch:
             raise ValueError(f"mtl.replicate produced {replicated.shape[0]} rows but the task-specific norms "
                              f"normalized {batch}")
@@ -229,10 +239,8 @@ class OneBackward:
     def _task_sizes(self, ids: Tensor) -> tuple[int, ...]:
         """Samples per task, to split the rows: the counts the norms' validation read on the host for this very
         ids tensor (so no second synchronisation), else read here."""
-        from .. import validation
-
         sizes = validation._checked_counts.get(ids, self.num_tasks)
-        return sizes if sizes is not None else tuple(torch.bincount(ids, minlength=self.num_tasks).tolist())
+        return sizes if sizes is not None else tuple(reference.samples_per_task(ids, self.num_tasks).tolist())
 
     def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
                   ) -> tuple[Tensor, list[Tensor | None]]:
@@ -245,13 +253,13 @@ class OneBackward:
         before = self._before_replication(batch, ids)
         self._check_layout(batch, ids, before)
         records = [r for i, r in enumerate(self._records) if i not in before]
-        pre_params = list({id(p): p for p in [*(q for i, (m, _, _) in enumerate(self._records) if i in before
-                                                for q in (m.weight, m.bias)), *self._extra_pre]
-                           if p is not None and p.requires_grad}.values())
+        pre_params = unique(p for p in [*(q for i, (m, _, _) in enumerate(self._records) if i in before
+                                          for q in (m.weight, m.bias)), *self._extra_pre]
+                            if p is not None and p.requires_grad)
         if self._extra_pre and not self._replications:
             raise ValueError("OneBackward was given before_replication parameters but the forward did not "
                              "replicate the batch with mtl.replicate")
-        replicated = [self._replications[0][1]] if pre_params else []
+        replicated = [self._replications[0][0]] if pre_params else []
         outputs = [out for _, _, out in records]
         other_params = list(other_params)
         # A captured layer whose forward never ran may still own weights the forward used (functionally, as
@@ -300,18 +308,15 @@ class OneBackward:
                 start, size = layout[id(module.bias)]
                 G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
         if pre_params and replicated_grads[0] is not None:
-            self._per_task_grads_before_replication(G, layout, replicated[0], replicated_grads[0], pre_params,
-                                                    pre_sums)
-        self._records = []
-        self._norm_calls = []
-        self._batch_stat_calls = []
-        self._replications = []
+            self._per_task_grads_before_replication(G, layout, replicated_grads[0], pre_params, pre_sums)
+        self._reset()
         return G, other_grads
 
-    def _per_task_grads_before_replication(self, G: Tensor, layout: dict, replicated: Tensor, grad: Tensor,
-                                           params: list[Tensor], summed: Sequence[Tensor | None]) -> None:
+    def _per_task_grads_before_replication(self, G: Tensor, layout: dict, grad: Tensor, params: list[Tensor],
+                                           summed: Sequence[Tensor | None]) -> None:
         """Rows of G for the parameters used before mtl.replicate: task t's gradient is the backward of block t of
         the replicated tensor's gradient alone, through the part that ran once (T backward passes over it)."""
+        replicated, _, precision = self._replications[0]
         T = self.num_tasks
         rows = replicated.shape[0] // T
         per_task = []
@@ -326,7 +331,7 @@ class OneBackward:
             # and the split would be wrong.
             # In norms, at the precision the forward ran in (bf16 under autocast rounds each block's part); a
             # gradient that is all rounding (a stem bias under a norm: ~0) next to the largest one says nothing.
-            tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(self._replication_precision, 1e-4)
+            tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(precision, 1e-4)
             scale = max((float(g.norm()) for g in summed if g is not None), default=0.0)
             for i, (p, total) in enumerate(zip(params, summed)):
                 parts = [g[i] for g in per_task if g[i] is not None]
@@ -370,8 +375,7 @@ def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[
     # Splitting the batch dimension into [T, rows] is a view in every memory format.
     blocks_x, blocks_dy = x.reshape(T, rows, *x.shape[1:]), dy.reshape(T, rows, *dy.shape[1:])
     bias = blocks_dy.sum(dim=(1, *range(3, blocks_dy.dim())))
-    weight_grad_fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
-                      3: torch.nn.grad.conv3d_weight}[module.weight.dim() - 2]
+    weight_grad_fn = _weight_grad_fn(module)
     conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
     if rows * math.prod(dy.shape[2:]) * module.weight.numel() >= LOOP_MIN_BLOCK_MACS:
         return torch.stack([weight_grad_fn(blocks_x[t], module.weight.shape, blocks_dy[t], groups=module.groups,
@@ -401,8 +405,7 @@ def _per_task_grads_by_rows(module: nn.Module, x: Tensor, dy: Tensor, order: Ten
         if gt.shape[0] == 0:
             weights.append(module.weight.new_zeros(module.weight.shape, dtype=dy.dtype))
             continue
-        weight_grad_fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
-                          3: torch.nn.grad.conv3d_weight}[module.weight.dim() - 2]
-        weights.append(weight_grad_fn(xt, module.weight.shape, gt, stride=module.stride, padding=module.padding,
-                                      dilation=module.dilation, groups=module.groups))
+        weights.append(_weight_grad_fn(module)(xt, module.weight.shape, gt, stride=module.stride,
+                                               padding=module.padding, dilation=module.dilation,
+                                               groups=module.groups))
     return torch.stack(weights), torch.stack(biases)

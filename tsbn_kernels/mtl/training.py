@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .gramian import combine, gramian
-from .per_task_grads import OneBackward, _stack_losses, autograd_gradients
+from .per_task_grads import OneBackward, _stack_losses, autograd_gradients, unique
 
 
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
@@ -44,10 +44,10 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
         losses = losses * loss_weights
     # Each parameter once (a tied or repeated one would get its gradient twice and count twice in the Gramian),
     # and never both shared and task-specific (it would get the aggregate and the plain gradient on top).
-    task_params = _unique(task_params)
+    task_params = unique(task_params)
     if capture is None and not shared_params:
         raise ValueError("pass shared_params, or a OneBackward capture of the forward")
-    shared = capture.params if capture is not None else _unique(shared_params)
+    shared = capture.params if capture is not None else unique(shared_params)
     shared_ids = {id(p) for p in shared}
     both = [i for i, p in enumerate(task_params) if id(p) in shared_ids]
     if both:
@@ -78,10 +78,6 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
             p.grad = g if p.grad is None else p.grad + g
     return {"weights": w.detach(), "gramian": M.detach(), "grad_norms": M.diagonal().clamp_min(0).sqrt().detach(),
             "losses": reported}
-
-
-def _unique(params: Sequence[Tensor]) -> list[Tensor]:
-    return list({id(p): p for p in params}.values())
 
 
 def average_across_ranks_(tensors: Sequence[Tensor], process_group=None) -> None:
