@@ -321,7 +321,8 @@ def degenerate_gradients(draw):
     T, P = draw(st.integers(1, 8)), draw(st.integers(1, 24))
     G = random_rows(T, P, seed=draw(st.integers(0, 2**31 - 1)))
     for i in range(T):
-        kind, j = draw(st.sampled_from(["keep", "keep", "zero", "copy", "negate", "scale"])), draw(st.integers(0, T - 1))
+        kind = draw(st.sampled_from(["keep", "keep", "zero", "copy", "negate", "scale"]))
+        j = draw(st.integers(0, T - 1))
         if kind == "zero":
             G[i] = 0
         elif kind == "copy":

@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from .reference import accumulation_dtype
+
 try:
     from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
     LOAD_ERROR: str | None = None
@@ -57,7 +59,7 @@ def gramian_backward(G, dM):
 
 def combine_backward(G, w, grad):
     """dL/dG and dL/dw of wᵀ·G for every backend of mtl.combine."""
-    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(G.dtype)
     return (torch.outer(w.to(acc), grad.to(acc)).to(G.dtype), (G.to(acc) @ grad.to(acc)).to(w.dtype))
 
 
@@ -69,8 +71,7 @@ if _C is not None:
     if has_op("gramian"):
         @torch.library.register_fake("tsbn::gramian")
         def _gramian_fake(G):
-            acc = torch.float64 if G.dtype == torch.float64 else torch.float32
-            return G.new_empty((G.shape[0], G.shape[0]), dtype=acc)
+            return G.new_empty((G.shape[0], G.shape[0]), dtype=accumulation_dtype(G.dtype))
 
         @torch.library.register_fake("tsbn::combine")
         def _combine_fake(G, w):

@@ -20,6 +20,13 @@ def _check_sizes(cls: str, **sizes: int) -> None:
             raise ValueError(f"{cls}: {name} must be a positive int, got {value!r}")
 
 
+def _refuse_torchscript(self):
+    # torch.jit.script calls __prepare_scriptable__ on every submodule: fail there, by name, rather than deep
+    # inside the compiler.
+    raise RuntimeError(f"{type(self).__name__} does not support torch.jit.script; use torch.jit.trace, "
+                       "torch.export or torch.compile (ONNX export works with both torch.onnx exporters)")
+
+
 class _TSBatchNorm(nn.Module):
     """Common part of TSBatchNorm1d/2d/3d. ``bias=None`` means: a bias for gate="none" (plain per-task
     affine, the paper's TSBN), none for gate="sigmoid" (TSσBN has no β)."""
@@ -116,10 +123,7 @@ class _TSBatchNorm(nn.Module):
             return None
         return torch.sigmoid(self.weight) if self.gate == "sigmoid" else self.weight.detach().clone()
 
-    def __prepare_scriptable__(self):
-        # Called by torch.jit.script on every submodule: fail here, by name, rather than deep inside the compiler.
-        raise RuntimeError(f"{type(self).__name__} does not support torch.jit.script; use torch.jit.trace, "
-                           "torch.export or torch.compile (ONNX export works with both torch.onnx exporters)")
+    __prepare_scriptable__ = _refuse_torchscript
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_tasks={self.num_tasks}, eps={self.eps}, momentum={self.momentum}, "
@@ -194,10 +198,7 @@ class TSLayerNorm(nn.Module):
     def gate_values(self) -> Tensor:
         return torch.sigmoid(self.weight) if self.gate == "sigmoid" else self.weight.detach().clone()
 
-    def __prepare_scriptable__(self):
-        # Called by torch.jit.script on every submodule: fail here, by name, rather than deep inside the compiler.
-        raise RuntimeError(f"{type(self).__name__} does not support torch.jit.script; use torch.jit.trace, "
-                           "torch.export or torch.compile (ONNX export works with both torch.onnx exporters)")
+    __prepare_scriptable__ = _refuse_torchscript
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, num_tasks={self.num_tasks}, eps={self.eps}, gate={self.gate!r}, "

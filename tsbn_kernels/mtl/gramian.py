@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..reference import accumulation_dtype
+
 # Columns per partial Gramian on the torch path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
 CHUNK = 1 << 16
 # On the CPU the C++ Gramian's AVX2 build beats per-chunk BLAS at every T measured (2-core EPYC, P = 1e7,
@@ -34,10 +36,6 @@ def _check_matrix(G: object, name: str = "G") -> Tensor:
     if G.shape[1] < 1:
         raise ValueError(f"{name} has no parameters (P = 0): nothing to aggregate")
     return G
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cpp_available() -> bool:
@@ -102,7 +100,7 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
 
 
 def _torch_gramian(G: Tensor) -> Tensor:
-    acc = _acc(G.dtype)
+    acc = accumulation_dtype(G.dtype)
     out = torch.zeros(G.shape[0], G.shape[0], dtype=acc, device=G.device)
     for start in range(0, G.shape[1], CHUNK):
         block = G[:, start:start + CHUNK].to(acc)
@@ -121,7 +119,7 @@ def combine(G: Tensor, w: Tensor, *, backend: str = "auto") -> Tensor:
         return _TritonCombine.apply(G, w, triton_combine) if _needs_graph(G, w) else triton_combine(G, w)
     if chosen == "cpp":
         return torch.ops.tsbn.combine(G, w)
-    acc = _acc(G.dtype)
+    acc = accumulation_dtype(G.dtype)
     if G.dtype == acc:
         return w.to(acc) @ G
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)

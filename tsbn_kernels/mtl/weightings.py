@@ -20,7 +20,8 @@ synchronisation. Scale conventions (what Σ w_t is, so the step size means the s
 Zero-norm task rows get weight 0 where a method would divide by their norm.
 
 No torch.linalg call that checks its result on the host (eigh, svd, pinv, solve): on a GPU each is a
-synchronisation, and a CUDA-graph capture fails on it. Linear systems use solve_ex(check_errors=False); the eigendecomposition of aligned_mtl is solvers.symmetric_eigh off the CPU.
+synchronisation, and a CUDA-graph capture fails on it. Linear systems use solve_ex(check_errors=False); the
+eigendecomposition of aligned_mtl is solvers.symmetric_eigh off the CPU.
 """
 from __future__ import annotations
 
@@ -52,13 +53,14 @@ def pcgrad(M: Tensor, generator: torch.Generator | None = None) -> Tensor:
     orders = torch.argsort(torch.rand(T, T, generator=generator, device=gen_device), dim=1).to(device)
     C = torch.eye(T, dtype=M.dtype, device=device)
     norms = M.diagonal()
+    tasks = torch.arange(T, device=device)
     for k in range(T):
         j = orders[:, k]                                  # the task each row projects against at step k
         dots = (C * M[:, j].T).sum(dim=1)                 # g_i' · g_j for every i at once
         safe = norms[j].clamp_min(_tiny(M))
         coef = torch.where((dots < 0) & (norms[j] > 0), dots / safe, torch.zeros_like(dots))
         # one_hot would check the index range on the host (a sync on the CPU); a comparison does not.
-        C = C - coef.unsqueeze(1) * (j.unsqueeze(1) == torch.arange(T, device=device)).to(M.dtype)
+        C = C - coef.unsqueeze(1) * (j.unsqueeze(1) == tasks).to(M.dtype)
     return C.sum(dim=0)
 
 

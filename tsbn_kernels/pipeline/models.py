@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..mtl.per_task_grads import replicate as replicate_batch
-
 from ..convert import convert_batchnorm, convert_layernorm
 from ..modules import TSLayerNorm, _TSBatchNorm
+from ..mtl.per_task_grads import replicate as replicate_batch
 from .vit import VisionTransformer, load_timm_state, vit_small
 
 NORMS = ("bn", "tsbn", "tssigmabn")
