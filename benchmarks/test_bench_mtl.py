@@ -15,7 +15,7 @@ from benchmarks.conftest import DEVICE
 from benchmarks.shapes import aggregation_cases
 from tsbn_kernels import _extension, mtl
 
-GRAMIAN_BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else ["cpp"] if _extension.has_op("gramian") else [])
+GRAMIAN_BACKENDS = ["eager"] + (["triton"] if DEVICE == "cuda" else ["cpu"] if _extension.has_op("gramian") else [])
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from tsbn_kernels import mtl
 
 from tsbn_kernels import _extension  # noqa: E402
 
-BACKENDS = (["torch"] + (["cpp"] if _extension.has_op("gramian") and not torch.cuda.is_available() else [])
+BACKENDS = (["eager"] + (["cpu"] if _extension.has_op("gramian") and not torch.cuda.is_available() else [])
             + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,10 +1,10 @@
 """The two passes over the per-task gradients G [T, P]: the Gramian G·Gᵀ and the combination wᵀ·G.
 
 Both accumulate in float32 (float64 for float64 input) and are deterministic: the Gramian is a fixed-order
-sum of per-chunk partial Gramians, whatever the thread or SM count. Backends: "cpp" (the compiled CPU kernels
-of csrc/cpu/gramian_cpu.cpp: one pass each, OpenMP), "torch" (per-chunk BLAS; cuBLAS on CUDA), "triton" (one
-pass split along P filling the GPU; on CPU tensors under TRITON_INTERPRET=1), "auto" (cpp on the CPU, triton
-on CUDA, torch where neither is available).
+sum of per-chunk partial Gramians, whatever the thread or SM count. Backends, named as the norms' are: "cpu" (the
+compiled CPU kernels of csrc/cpu/gramian_cpu.cpp: one pass each, OpenMP), "eager" (plain PyTorch, per-chunk BLAS;
+cuBLAS on CUDA), "triton" (one pass split along P filling the GPU; on CPU tensors under TRITON_INTERPRET=1),
+"auto" (cpu on the CPU, triton on CUDA, eager where neither is available).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..reference import accumulation_dtype
 
-# Columns per partial Gramian on the torch path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
+# Columns per partial Gramian on the eager path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
 CHUNK = 1 << 16
 # On the CPU the C++ Gramian's AVX2 build beats per-chunk BLAS at every T measured (2-core EPYC, P = 1e7,
 # 2026-12-02: T=3 7–10 ms vs 17–25 ms, T=16 62–74 ms vs 75–104 ms, T=40 263–268 ms vs 355–385 ms). Its baseline
@@ -51,16 +51,16 @@ def _resolve(backend: str, device: torch.device) -> str:
 # Plain Python over constants (and lazy imports): torch.compile evaluates it once at trace time.
 @torch.compiler.assume_constant_result
 def _choose(backend: str, device_type: str) -> str:
-    if backend not in ("auto", "cpp", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'cpp', 'torch' or 'triton', got {backend!r}")
+    if backend not in ("auto", "cpu", "eager", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cpu', 'eager' or 'triton', got {backend!r}")
     if backend == "auto":
         if device_type == "cuda" and _triton_available():
             return "triton"
         if device_type == "cpu" and _cpp_available():
-            return "cpp"
-        return "torch"
-    if backend == "cpp" and (device_type != "cpu" or not _cpp_available()):
-        raise ValueError("backend='cpp' needs CPU tensors and the compiled extension tsbn_kernels._C")
+            return "cpu"
+        return "eager"
+    if backend == "cpu" and (device_type != "cpu" or not _cpp_available()):
+        raise ValueError("backend='cpu' needs CPU tensors and the compiled extension tsbn_kernels._C")
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs triton (and a GPU, or TRITON_INTERPRET=1 for CPU tensors)")
     if backend == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -87,14 +87,14 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
     """G·Gᵀ of the per-task gradients G [T, P]: [T, T], float32 (float64 for float64 G)."""
     G = _check_matrix(G)
     chosen = _resolve(backend, G.device)
-    if backend == "auto" and chosen == "cpp" and G.shape[0] > CPP_GRAMIAN_MAX_TASKS_BASELINE \
+    if backend == "auto" and chosen == "cpu" and G.shape[0] > CPP_GRAMIAN_MAX_TASKS_BASELINE \
             and not _cpp_gramian_is_avx2():
-        chosen = "torch"
+        chosen = "eager"
     if chosen == "triton":
         from .triton_gramian import triton_gramian
 
         return _TritonGramian.apply(G, triton_gramian) if _needs_graph(G) else triton_gramian(G)
-    if chosen == "cpp":
+    if chosen == "cpu":
         return torch.ops.tsbn.gramian(G)
     return _torch_gramian(G)
 
@@ -117,7 +117,7 @@ def combine(G: Tensor, w: Tensor, *, backend: str = "auto") -> Tensor:
         from .triton_gramian import triton_combine
 
         return _TritonCombine.apply(G, w, triton_combine) if _needs_graph(G, w) else triton_combine(G, w)
-    if chosen == "cpp":
+    if chosen == "cpu":
         return torch.ops.tsbn.combine(G, w)
     acc = accumulation_dtype(G.dtype)
     if G.dtype == acc:
@@ -133,7 +133,7 @@ def _needs_graph(*tensors: Tensor) -> bool:
 
 
 # The Triton launchers are plain functions that autograd cannot see through; these give them the same backward
-# as the compiled ops (registered in _extension) and the torch path, so that differentiating through an
+# as the compiled ops (registered in _extension) and the eager path, so that differentiating through an
 # aggregation (meta-learning, a loss on the Gramian) works on every backend instead of silently dropping the graph.
 class _TritonGramian(torch.autograd.Function):
     @staticmethod

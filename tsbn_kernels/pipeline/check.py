@@ -118,7 +118,7 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
                 else:
                     losses = losses_fn(model(batch["image"]), batch)
                     mtl.backward_aggregated(losses, shared[name], method, task_params=task_params[name],
-                                            backend="torch", **kwargs)
+                                            backend="eager", **kwargs)
                 optimizers[name].step()
                 if device == "cuda":
                     torch.cuda.synchronize()
