@@ -52,17 +52,6 @@ def cpu_isa() -> str:
     return str(torch.ops.tsbn.cpu_isa()) if has_op("cpu_isa") else "baseline"
 
 
-def gramian_backward(G, dM):
-    """dL/dG of M = G·Gᵀ (in M's accumulation dtype) for every backend of mtl.gramian: (dM + dMᵀ)·G."""
-    return ((dM + dM.T) @ G.to(dM.dtype)).to(G.dtype)
-
-
-def combine_backward(G, w, grad):
-    """dL/dG and dL/dw of wᵀ·G for every backend of mtl.combine."""
-    acc = accumulation_dtype(G.dtype)
-    return (torch.outer(w.to(acc), grad.to(acc)).to(G.dtype), (G.to(acc) @ grad.to(acc)).to(w.dtype))
-
-
 if _C is not None:
     @torch.library.register_fake("tsbn::task_counts")
     def _task_counts_fake(task_ids, num_tasks):
@@ -80,13 +69,18 @@ if _C is not None:
         def _gramian_setup(ctx, inputs, output):
             ctx.save_for_backward(inputs[0])
 
+        # The formulas live with mtl's other autograd (mtl/gramian.py), imported when a backward first runs.
         def _gramian_autograd(ctx, dM):
+            from .mtl.gramian import gramian_backward
+
             return gramian_backward(ctx.saved_tensors[0], dM)
 
         def _combine_setup(ctx, inputs, output):
             ctx.save_for_backward(*inputs)
 
         def _combine_autograd(ctx, grad):
+            from .mtl.gramian import combine_backward
+
             return combine_backward(*ctx.saved_tensors, grad)
 
         torch.library.register_autograd("tsbn::gramian", _gramian_autograd, setup_context=_gramian_setup)

@@ -132,6 +132,17 @@ def _needs_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def gramian_backward(G: Tensor, dM: Tensor) -> Tensor:
+    """dL/dG of M = G·Gᵀ (in M's accumulation dtype) for every backend of gramian: (dM + dMᵀ)·G."""
+    return ((dM + dM.T) @ G.to(dM.dtype)).to(G.dtype)
+
+
+def combine_backward(G: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """dL/dG and dL/dw of wᵀ·G for every backend of combine."""
+    acc = accumulation_dtype(G.dtype)
+    return (torch.outer(w.to(acc), grad.to(acc)).to(G.dtype), (G.to(acc) @ grad.to(acc)).to(w.dtype))
+
+
 # The Triton launchers are plain functions that autograd cannot see through; these give them the same backward
 # as the compiled ops (registered in _extension) and the eager path, so that differentiating through an
 # aggregation (meta-learning, a loss on the Gramian) works on every backend instead of silently dropping the graph.
@@ -143,8 +154,6 @@ class _TritonGramian(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dM):
-        from .._extension import gramian_backward
-
         return gramian_backward(ctx.saved_tensors[0], dM), None
 
 
@@ -156,8 +165,6 @@ class _TritonCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .._extension import combine_backward
-
         return (*combine_backward(*ctx.saved_tensors, grad), None)
 
 
