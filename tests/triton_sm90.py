@@ -141,6 +141,19 @@ def run_gramian():
             tg.triton_combine(G, torch.randn(tasks))
 
 
+def run_solvers():
+    from tsbn_kernels.mtl import triton_solvers as ts
+
+    for tasks, rows, simplex in ((3, 1, True), (3, 3, False), (32, 1, True), (40, 40, False), (64, 1, True),
+                                 (64, 64, False)):
+        for dtype in (torch.float32, torch.float64):
+            if not ts.applies(torch.empty(tasks, tasks, dtype=dtype), simplex):
+                continue
+            _case["name"] = f"min_quadratic-T{tasks}-{'simplex' if simplex else 'box'}-{str(dtype)[6:]}"
+            ts.min_quadratic(torch.empty(tasks, tasks, dtype=dtype), torch.empty(rows, tasks, dtype=dtype), simplex,
+                             500, 30)
+
+
 def main() -> int:
     from tsbn_kernels.kernels import triton_utils
 
@@ -148,7 +161,7 @@ def main() -> int:
     JITFunction.__getitem__ = _compile_instead_of_launch
     triton_utils.SIMULATED_MULTIPROCESSORS = 132
     failures = []
-    for part in (run_batch_norm, run_layer_norm, run_gramian):
+    for part in (run_batch_norm, run_layer_norm, run_gramian, run_solvers):
         try:
             part()
         except Exception as exc:  # a compile error names the kernel and line; report it and go on

@@ -12,18 +12,36 @@ import torch
 from torch import Tensor
 
 
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of v onto the probability simplex (sort-based, Duchi et al. 2008)."""
-    n = v.shape[-1]
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    cumulative = u.cumsum(dim=-1) - 1
-    k = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
-    support = (u - cumulative / k > 0).sum(dim=-1, keepdim=True).clamp_min(1)
-    theta = cumulative.gather(-1, support - 1) / support.to(v.dtype)
-    return (v - theta).clamp_min(0)
+def project_simplex(v: Tensor, a: Tensor | None = None) -> Tensor:
+    """Euclidean projection of each row of v onto the simplex {u ≥ 0, Σ a_i·u_i = 1} (a > 0; None: all ones, the
+    probability simplex). Sort-based: u = max(v − θ·a, 0), and with the ratios v_i/a_i in descending order, θ is
+    the largest of the candidates θ_k = (Σ_{i≤k} a_i·v_i − 1) / Σ_{i≤k} a_i² (each θ_k averages θ_{k−1} with
+    v_k/a_k, so they rise while the ratios exceed them and fall after: the peak is the support's θ)."""
+    if a is None:
+        u, _ = torch.sort(v, dim=-1, descending=True)
+        k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+        theta = ((u.cumsum(dim=-1) - 1) / k).amax(dim=-1, keepdim=True)
+        return (v - theta).clamp_min(0)
+    a = a.expand_as(v)
+    order = torch.argsort(v / a, dim=-1, descending=True)
+    av, aa = (a * v).gather(-1, order), (a * a).gather(-1, order)
+    theta = ((av.cumsum(dim=-1) - 1) / aa.cumsum(dim=-1)).amax(dim=-1, keepdim=True)
+    return (v - theta * a).clamp_min(0)
 
 
-def largest_eigenvalue(M: Tensor, iterations: int = 30) -> Tensor:
+def jacobi_scale(M: Tensor) -> Tensor:
+    """d with M / (d·dᵀ) of unit diagonal: d_t = |g_t|, floored at 1e-6 of the largest (zero rows; and the
+    weighted simplex's 1/d stays within float32's range), all ones when M = 0. Any positive d leaves the
+    solution unchanged; this one makes a first-order solver's speed independent of the tasks' gradient norms."""
+    d = M.diagonal().clamp_min(0).sqrt()
+    top = d.max()
+    return torch.where(top > 0, d.clamp_min(1e-6 * top), torch.ones_like(d))
+
+
+POWER_ITERATIONS = 30
+
+
+def largest_eigenvalue(M: Tensor, iterations: int = POWER_ITERATIONS) -> Tensor:
     """λ_max of a PSD matrix by power iteration (a 0-d tensor, > 0)."""
     # Iterated on M scaled to a unit diagonal maximum: M·v of gradients with norms ~1e12 squares past float32's
     # range inside the norm, and v would collapse to 0.
@@ -40,16 +58,40 @@ def largest_eigenvalue(M: Tensor, iterations: int = 30) -> Tensor:
     return (v @ (M @ v)).clamp_min(1.0) * scale
 
 
-def min_quadratic(M: Tensor, start: Tensor, project, iterations: int = 500) -> Tensor:
-    """argmin of ½·vᵀMv over a convex set, by accelerated projected gradient (FISTA) with step 1/λ_max.
+def min_quadratic(M: Tensor, start: Tensor, *, simplex: bool, iterations: int = 500, fused: bool | None = None
+                  ) -> Tensor:
+    """argmin of ½·vᵀMv, one problem per row of ``start``: over the probability simplex from ``start``
+    (simplex=True), or over the box {v ≥ start}.
 
-    ``start`` holds one starting point per row (several problems at once); ``project`` maps rows onto the set.
+    Accelerated projected gradient (FISTA, step 1/λ_max) in Jacobi-scaled coordinates u = d·v (jacobi_scale):
+    tasks whose gradients differ in norm by orders of magnitude would otherwise make it crawl (the small ones'
+    directions converge at the rate λ_small/λ_max). The box stays a box, the simplex becomes {u ≥ 0, Σ u/d = 1}.
+    ``fused``: one Triton launch for the whole solve (triton_solvers; None: on CUDA where it applies and no
+    graph through M is being recorded), else the tensor program below.
     """
-    step = 1.0 / largest_eigenvalue(M)
-    # y − step·(y·M) as one product with I − step·M, and Nesterov's extrapolation as one lerp with coefficients
+    if fused is None:
+        fused = M.is_cuda and not (torch.is_grad_enabled() and M.requires_grad) and _fused_solver_applies(M, simplex)
+    if fused:
+        from . import triton_solvers
+
+        if not triton_solvers.applies(M, simplex):
+            raise ValueError(f"the fused solver holds at most {triton_solvers.MAX_TASKS} tasks in float32/float64 "
+                             f"({triton_solvers.MAX_TASKS_FLOAT64_SIMPLEX} on the float64 simplex); got "
+                             f"{M.shape[0]} in {M.dtype}")
+        return triton_solvers.min_quadratic(M, start, simplex, iterations, POWER_ITERATIONS)
+    d = jacobi_scale(M)
+    scaled = M / (d.unsqueeze(0) * d.unsqueeze(1))
+    start = start * d
+    if simplex:
+        inverse = 1 / d
+        project = lambda u: project_simplex(u, inverse)  # noqa: E731
+    else:
+        project = lambda u: torch.maximum(u, start)  # noqa: E731
+    step = 1.0 / largest_eigenvalue(scaled, POWER_ITERATIONS)
+    # y − step·(y·S) as one product with I − step·S, and Nesterov's extrapolation as one lerp with coefficients
     # that depend on the iteration count alone (computed here on the host, not as device scalars): three
     # kernels an iteration for a box, where a GPU spends its time launching them.
-    descent = torch.eye(M.shape[0], dtype=M.dtype, device=M.device) - step * M
+    descent = torch.eye(M.shape[0], dtype=M.dtype, device=M.device) - step * scaled
     x = project(start)
     y = x
     momentum = 1.0
@@ -58,7 +100,15 @@ def min_quadratic(M: Tensor, start: Tensor, project, iterations: int = 500) -> T
         momentum_next = (1 + math.sqrt(1 + 4 * momentum * momentum)) / 2
         y = torch.lerp(x, x_next, 1 + (momentum - 1) / momentum_next)
         x, momentum = x_next, momentum_next
-    return x
+    return x / d
+
+
+def _fused_solver_applies(M: Tensor, simplex: bool) -> bool:
+    try:
+        from . import triton_solvers
+    except ImportError:
+        return False
+    return triton_solvers.applies(M, simplex)
 
 
 def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 300) -> Tensor:

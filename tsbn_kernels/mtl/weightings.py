@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .solvers import min_quadratic, minimize_on_simplex, project_simplex, symmetric_eigh
+from .solvers import min_quadratic, minimize_on_simplex, symmetric_eigh
 
 
 def _tiny(M: Tensor) -> float:
@@ -66,7 +66,7 @@ def pcgrad(M: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 def mgda(M: Tensor, iterations: int = 500) -> Tensor:
     start = mean(M).unsqueeze(0)
-    return min_quadratic(M, start, project_simplex, iterations).squeeze(0)
+    return min_quadratic(M, start, simplex=True, iterations=iterations).squeeze(0)
 
 
 def cagrad(M: Tensor, c: float = 0.5, rescale: bool = True, iterations: int = 300) -> Tensor:
@@ -137,28 +137,15 @@ def nash_mtl(M: Tensor, iterations: int = 40) -> Tensor:
     return alpha
 
 
-def _dual_cone_projection(M: Tensor, lower: Tensor, iterations: int) -> Tensor:
-    """argmin_{v ≥ lower} ½ vᵀMv for each row of ``lower``.
-
-    Solved in Jacobi-scaled coordinates u = D^{1/2}v (unit diagonal): tasks whose gradients differ in norm by
-    orders of magnitude would otherwise make the first-order solver crawl. The box stays a box."""
-    diag = M.diagonal()
-    d = torch.where(diag > 0, diag.clamp_min(_tiny(M)).sqrt(), torch.ones_like(diag))
-    scaled = M / (d.unsqueeze(0) * d.unsqueeze(1))
-    scaled_lower = lower * d
-    u = min_quadratic(scaled, scaled_lower, lambda v: torch.maximum(v, scaled_lower), iterations)
-    return u / d
-
-
 def upgrad(M: Tensor, iterations: int = 500) -> Tensor:
     scale = M.diagonal().sum().clamp_min(_tiny(M))       # the argmin does not depend on M's scale
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    return _dual_cone_projection(M / scale, eye, iterations).mean(dim=0)
+    return min_quadratic(M / scale, eye, simplex=False, iterations=iterations).mean(dim=0)   # argmin_{v ≥ e_t}
 
 
 def dualproj(M: Tensor, iterations: int = 500) -> Tensor:
     scale = M.diagonal().sum().clamp_min(_tiny(M))
-    return _dual_cone_projection(M / scale, mean(M).unsqueeze(0), iterations).squeeze(0)
+    return min_quadratic(M / scale, mean(M).unsqueeze(0), simplex=False, iterations=iterations).squeeze(0)
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
