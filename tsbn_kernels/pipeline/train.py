@@ -328,9 +328,9 @@ def train(args, context: dist_mod.Context) -> int:
                     if use_one_backward:
                         with mtl.OneBackward(model, model.num_tasks, modules=convs,
                                              before_replication=before_replication) as capture:
-                            losses = losses_fn(model(image), batch)
+                            losses = losses_fn(model(image), batch, distributed=context.distributed)
                     else:
-                        losses = losses_fn(model(image), batch)
+                        losses = losses_fn(model(image), batch, distributed=context.distributed)
                 losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
                 reported = losses.detach().clone()
                 if context.distributed:          # every rank sees the same losses, so all stop together
