@@ -47,6 +47,27 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(value, split["model"][key]), key
 
 
+def test_resume_after_a_steps_stop_mid_epoch_trains_the_rest_of_that_epoch_bitwise(tmp_path):
+    # 4 steps per epoch: the first run stops inside epoch 1, the resumed one crosses into epoch 2 and stops inside.
+    assert run("cityscapes", tmp_path / "full", "--epochs", "2", "--steps", "6", "--aggregator", "pcgrad") == 0
+    assert run("cityscapes", tmp_path / "split", "--epochs", "2", "--steps", "3", "--aggregator", "pcgrad") == 0
+    partial = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [(h["epoch"], h["step"], h.get("partial")) for h in partial] == [(1, 3, True)]
+    assert run("cityscapes", tmp_path / "split", "--epochs", "2", "--steps", "6", "--aggregator", "pcgrad",
+               "--resume") == 0
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert full["step"] == split["step"] == 6 and full["epoch"] == split["epoch"] == 1
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    for a, b in zip(full["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["progress"]["samples"] == split["progress"]["samples"] == 4
+    assert [(h["epoch"], h["step"], h.get("partial"), h["train_loss"]) for h in full["history"]] == \
+        [(h["epoch"], h["step"], h.get("partial"), h["train_loss"]) for h in split["history"]]
+    assert [h["epoch"] for h in split["history"]] == [1, 2]
+
+
 def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_path, capsys):
     assert run("cityscapes", tmp_path, "--epochs", "1") == 0
     saved = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "config.json")}
@@ -87,10 +108,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return losses * float("nan") if calls["n"] == 6 else losses
     monkeypatch.setattr(train, "dense_losses", poisoned)
     assert run("nyuv2", tmp_path, "--epochs", "3") == 2
-    assert "non-finite loss at epoch 2, step 6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 6" in err
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint.pt'} (step 4)" in err
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
+
+
+def test_nan_loss_before_the_first_checkpoint_says_none_was_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "dense_losses", lambda outputs, batch, **kwargs: torch.full((2,), float("nan")))
+    assert run("cityscapes", tmp_path, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1, step 1" in err and "no checkpoint was written" in err, err
+    assert "last good checkpoint" not in err and not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_tsbn_analyze_reads_a_training_run(tmp_path):

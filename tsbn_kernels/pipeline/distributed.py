@@ -60,7 +60,9 @@ def teardown(context: Context) -> None:
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Batches of ``batch_size`` indices for one rank: the epoch's permutation (a function of seed and epoch, the
     same on every rank) is cut into global batches of batch_size · world_size, and rank r takes slice r of each.
-    The last incomplete global batch is dropped, so every rank runs the same number of steps."""
+    The last incomplete global batch is dropped, so every rank runs the same number of steps. ``set_epoch(epoch,
+    start)`` skips the first ``start`` samples of the epoch's permutation (a resume mid-epoch: the rest of the
+    epoch in the same order)."""
 
     def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True):
@@ -70,13 +72,15 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"the split has {length} samples, fewer than one global batch of "
                              f"{batch_size} × {world_size} ranks")
         self.length, self.batch_size, self.rank, self.world_size = length, batch_size, rank, world_size
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start must lie in [0, {self.length}], got {start}")
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.length // (self.batch_size * self.world_size)
+        return (self.length - self.start) // (self.batch_size * self.world_size)
 
     def __iter__(self):
         if self.shuffle:
@@ -84,6 +88,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         else:
             order = torch.arange(self.length)
         step = self.batch_size * self.world_size
-        for start in range(0, len(self) * step, step):
+        for start in range(self.start, self.start + len(self) * step, step):
             first = start + self.rank * self.batch_size
             yield order[first:first + self.batch_size].tolist()

@@ -5,11 +5,13 @@
                [--arch vit_s|resnet50] [--optimizer adam|sgd] [--baseline FILE]
     torchrun --nproc_per_node R -m tsbn_kernels.pipeline.train ...     (data parallel; --batch is per process)
 
-Writes to --out: config.json, checkpoint.pt (atomic, every epoch: model, optimizer, epoch, step, RNG state),
-metrics.json and metrics.csv (per epoch: train losses, validation metrics, Δm), plots/ (loss curves, per-task
-metrics, gate histograms) and analysis/record.npz (gates and Gramians for tsbn-analyze). ``--resume`` continues
-from checkpoint.pt; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and
-augmentation are a function of seed and epoch); it refuses a run started with another model or optimizer, and
+Writes to --out: config.json, checkpoint.pt (atomic, every epoch and at a --steps stop: model, optimizer, epoch,
+position within the epoch, step, RNG state), metrics.json and metrics.csv (per epoch: train losses, validation
+metrics, Δm; a --steps stop inside an epoch adds an entry marked "partial", which the complete epoch replaces),
+plots/ (loss curves, per-task metrics, gate histograms) and analysis/record.npz (gates and Gramians for
+tsbn-analyze). ``--resume`` continues from checkpoint.pt, after a --steps stop with the next batch of the same
+epoch; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and augmentation are a
+function of seed and epoch); it refuses a run started with another model or optimizer, and
 a new run refuses a directory that already holds a checkpoint. A NaN/Inf loss stops the run with a message; the
 last good checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
 OUT/data first. Under torchrun (gloo on the CPU, nccl on GPUs) every norm's statistics span all processes and
@@ -93,8 +95,9 @@ def make_datasets(args, root: pathlib.Path):
 
 
 def make_data(args, out: pathlib.Path, context: dist_mod.Context):
-    """(train batches of this rank: callable(epoch) -> iterable, validation batches: callable() -> iterable).
-    Data order and augmentation are functions of (seed, epoch, sample), the same for any number of ranks."""
+    """(train batches of this rank: callable(epoch, start) -> DataLoader of the epoch's batches after its first
+    ``start`` samples, validation batches: callable() -> iterable). Data order and augmentation are functions of
+    (seed, epoch, sample), the same for any number of ranks."""
     root = out / "data" if args.data == "synthetic" else pathlib.Path(args.data)
     if args.data == "synthetic" and context.is_main:
         write_synthetic(args, root)
@@ -102,8 +105,8 @@ def make_data(args, out: pathlib.Path, context: dist_mod.Context):
     train_set, val_set = make_datasets(args, root)
     sampler = dist_mod.GlobalBatchSampler(len(train_set), args.batch, context.rank, context.world_size, args.seed)
 
-    def train(epoch):
-        sampler.set_epoch(epoch)
+    def train(epoch, start=0):
+        sampler.set_epoch(epoch, start)
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
         return torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
@@ -283,16 +286,27 @@ def train(args, context: dist_mod.Context) -> int:
     if context.is_main:
         atomic_write(out / "config.json", json.dumps(config, indent=1))
     history, epoch, step = [], 0, 0
+    # Where the checkpoint stopped inside epoch `epoch` (a --steps stop): samples of its permutation done, and
+    # the running sums of the epoch's mean losses.
+    progress = {"samples": 0, "count": 0, "totals": {t: 0.0 for t in model.tasks}, "seconds": 0.0}
     # PCGrad's random projection order: its own generator, so every rank draws the same orders whatever else
     # consumes the global RNG (rank 0's evaluation, DataLoader seeds), and a resume continues its stream.
     aggregator_rng = torch.Generator(device).manual_seed(args.seed)
+    saved_rng = None
     if args.resume:
         state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)   # RNG states live on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, history = state["epoch"], state["step"], state["history"]
-        set_rng_state(state["rng"])
+        progress = state.get("progress", progress)
+        if history and history[-1].get("partial"):   # replaced by the epoch's entry once the epoch is complete
+            history.pop()
+        saved_rng = state["rng"]
+        if not progress["samples"]:
+            set_rng_state(saved_rng)
+            saved_rng = None
         aggregator_rng.set_state(state["rng"]["aggregator"])
+    saved_step = step if args.resume else None
     convs = model.split_layers()
     shared = model.shared_parameters()
     before_replication = model.before_replication_parameters()
@@ -311,13 +325,18 @@ def train(args, context: dist_mod.Context) -> int:
             pass
     try:
         while epoch < args.epochs and (args.steps is None or step < args.steps):
-            totals, count, gramian = {t: 0.0 for t in model.tasks}, 0, None
-            start = time.perf_counter()
-            bar = tqdm(train_batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+            totals, count, gramian = dict(progress["totals"]), progress["count"], None
+            start, taken = time.perf_counter() - progress["seconds"], 0
+            loader = train_batches(epoch, progress["samples"])
+            batches = iter(loader)
+            if saved_rng is not None:
+                # A mid-epoch checkpoint holds the RNG state after this epoch's DataLoader drew its base seed:
+                # restored after the new DataLoader's draw, the stream continues as in the uninterrupted run.
+                set_rng_state(saved_rng)
+                saved_rng = None
+            bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        disable=not (context.is_main and sys.stderr.isatty()))
             for batch in bar:
-                if args.steps is not None and step >= args.steps:
-                    break
                 batch = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device)
                          for k, v in batch.items()}
                 image = batch["image"]
@@ -356,33 +375,52 @@ def train(args, context: dist_mod.Context) -> int:
                 optimizer.step()
                 step += 1
                 count += 1
+                taken += 1
                 for task, value in zip(model.tasks, reported.tolist()):
                     totals[task] += value
-                images = count * args.batch * context.world_size
+                images = taken * args.batch * context.world_size
                 bar.set_postfix(loss=f"{reported.sum().item():.4f}",
                                 img_per_s=f"{images / (time.perf_counter() - start):.1f}")
-            epoch += 1
+                if args.steps is not None and step >= args.steps:
+                    break
+            complete = taken == len(loader)
+            # A --steps stop inside the epoch saves its position, so that --resume trains the rest of the epoch
+            # in the same order, and its RNG state before the evaluation, which the uninterrupted run skips there.
+            samples = 0 if complete else progress["samples"] + taken * args.batch * context.world_size
+            progress = {"samples": samples, "count": 0 if complete else count,
+                        "totals": {t: 0.0 for t in model.tasks} if complete else totals,
+                        "seconds": 0.0 if complete else time.perf_counter() - start}
+            rng = None if complete else {**rng_state(), "aggregator": aggregator_rng.get_state()}
+            if complete:
+                epoch += 1
             if context.is_main:
                 val = evaluate(model, val_batches(), args.benchmark, device, next(model.parameters()).dtype,
                                baseline)
                 mean_losses = {t: v / max(count, 1) for t, v in totals.items()}
-                history.append({"epoch": epoch, "step": step, "train_loss": mean_losses, "val": val,
-                                "seconds": time.perf_counter() - start})
-                print(f"epoch {epoch}: loss {sum(history[-1]['train_loss'].values()):.4f} " +
+                entry = {"epoch": epoch if complete else epoch + 1, "step": step, "train_loss": mean_losses,
+                         "val": val, "seconds": time.perf_counter() - start}
+                if not complete:
+                    entry["partial"] = True
+                rng = rng or {**rng_state(), "aggregator": aggregator_rng.get_state()}
+                history.append(entry)
+                where = "" if complete else f" (stopped at step {step}, batch {count} of {count + len(loader) - taken})"
+                print(f"epoch {entry['epoch']}{where}: loss {sum(entry['train_loss'].values()):.4f} " +
                       " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "history": history,
-                             "rng": {**rng_state(), "aggregator": aggregator_rng.get_state()}, "config": config},
+                             "step": step, "progress": progress, "history": history, "rng": rng, "config": config},
                             out / "checkpoint.pt")
                 write_metrics(out, history)
                 save_plots(out, history, model)
                 if recorder is not None:
                     recorder.record(step, model, gramian)
+            saved_step = step
             context.barrier()
     except NonFiniteLoss as exc:
         if context.is_main:
-            print(f"tsbn-train: {exc}; stopping. The last good checkpoint is {out / 'checkpoint.pt'}",
-                  file=sys.stderr)
+            kept = (f"the last good checkpoint is {out / 'checkpoint.pt'} (step {saved_step})" if saved_step is not None
+                    else "no checkpoint was written: the run stopped before its first one (at the end of an epoch "
+                    "or a --steps stop)")
+            print(f"tsbn-train: {exc}; stopping, {kept}", file=sys.stderr)
         return 2
     finally:
         if recorder is not None and recorder.steps:
