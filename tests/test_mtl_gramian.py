@@ -156,3 +156,12 @@ def test_bad_inputs():
     G[1, 4] = float("inf")
     with pytest.raises(ValueError, match=r"task\(s\) \[1\]"):
         mtl.aggregate(G, "mean")
+
+
+def test_combine_blocks_takes_the_empty_blocks_gramian_blocks_skips():
+    blocks = [torch.randn(3, 4, 2), torch.randn(3, 0), torch.randn(3, 5)]
+    w = torch.tensor([0.2, 0.3, 0.5])
+    assert mtl.gramian_blocks(blocks).shape == (3, 3)
+    out = mtl.combine_blocks(blocks, w)
+    assert [o.shape for o in out] == [(4, 2), (0,), (5,)]
+    torch.testing.assert_close(out[0], torch.einsum("t,tij->ij", w, blocks[0]))

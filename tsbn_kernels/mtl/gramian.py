@@ -200,4 +200,6 @@ def gramian_blocks(blocks: Sequence[Tensor], *, backend: str = "auto") -> Tensor
 
 def combine_blocks(blocks: Sequence[Tensor], w: Tensor, *, backend: str = "auto") -> list[Tensor]:
     """wᵀ·G for each block [T, *shape]: the aggregated gradient of each parameter, shaped like it."""
-    return [combine(b.reshape(b.shape[0], -1), w, backend=backend).reshape(b.shape[1:]) for b in blocks]
+    # An empty block (a parameter with no elements) aggregates to an empty gradient, as gramian_blocks skips it.
+    return [combine(b.reshape(b.shape[0], -1), w, backend=backend).reshape(b.shape[1:]) if b[0].numel()
+            else b.new_zeros(b.shape[1:]) for b in blocks]

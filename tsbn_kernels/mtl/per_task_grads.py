@@ -12,7 +12,9 @@ Fallback (any model): T autograd passes, one per task loss.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 import weakref
 from typing import Iterable, Sequence
 
@@ -33,8 +35,8 @@ def _weight_grad_fn(conv: nn.Module):
 
 # The captures whose `with` block is running, innermost last: replicate() reports to the innermost one.
 _active: list["OneBackward"] = []
-# Models whose parameters before mtl.replicate were checked to reach the losses only through it.
-_replication_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# Models whose per-task split was checked against a backward of a weighted sum of the losses (OneBackward.gradients).
+_split_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def replicate(x: Tensor, num_tasks: int) -> Tensor:
@@ -68,7 +70,8 @@ def autograd_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tenso
     losses = _stack_losses(losses)
     params = list(params)
     total = sum(p.numel() for p in params)
-    G = torch.zeros(losses.shape[0], total, dtype=params[0].dtype, device=params[0].device)
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+    G = torch.zeros(losses.shape[0], total, dtype=dtype, device=params[0].device)
     for t in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
         offset = 0
@@ -99,7 +102,10 @@ class OneBackward:
     giving wrong gradients: a captured layer that ran on another batch (a stem run once and replicated without
     mtl.replicate, a per-task head), a BatchNorm with batch statistics over the tasks' samples, a captured
     layer whose weight got a gradient without its forward being called (``nn.MultiheadAttention`` uses its
-    ``out_proj`` weight that way). Batch-first layouts only: a Linear's input splits along dim 0.
+    ``out_proj`` weight that way). Batch-first layouts only: a Linear's input splits along dim 0, a layer run on
+    k·batch rows must hold each sample's k rows together (``[B, k, ...]`` flattened, not ``torch.cat`` of k
+    batches). The first ``gradients`` call of each model checks the whole split against one more backward of a
+    weighted sum of the losses (Σ_t c_t·G_t must equal its gradient), which catches any other mixing.
     """
 
     def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None,
@@ -120,13 +126,16 @@ class OneBackward:
         self._extra_pre = [p for p in before_replication if p.requires_grad]
         self.params = unique(p for p in [*(q for m in self.modules for q in (m.weight, m.bias)), *self._extra_pre]
                              if p is not None and p.requires_grad)
-        # (replicated tensor, records before it, the precision the part before it ran in)
-        self._replications: list[tuple[Tensor, int, torch.dtype]] = []
+        # (replicated tensor's gradient edge, its rows, records before it)
+        self._replications: list[tuple[torch.autograd.graph.GradientEdge, int, int]] = []
+        self._tolerance = 0.0           # of the split check, from the precision the recorded layers ran in
         self._model = model
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
+        # (layer, its input, the gradient edge of its output: the output as the layer made it, even when the model
+        # then changes it in place, as nn.ReLU(inplace=True) does)
+        self._records: list[tuple[nn.Module, Tensor, torch.autograd.graph.GradientEdge]] = []
         self._norm_calls: list[tuple[nn.Module, int, Tensor | None]] = []
         self._batch_stat_calls: list[tuple[nn.Module, int]] = []
         self._handles = []
@@ -134,6 +143,7 @@ class OneBackward:
     def _reset(self) -> None:
         """Forget what a forward recorded."""
         self._records, self._norm_calls, self._batch_stat_calls, self._replications = [], [], [], []
+        self._tolerance = 0.0
 
     def __enter__(self) -> "OneBackward":
         _active.append(self)
@@ -152,11 +162,20 @@ class OneBackward:
 
     @torch.compiler.disable
     def _record_replication(self, out: Tensor) -> None:
-        # The layers recorded so far ran before the replication (on the N samples). The precision they ran in
-        # (autocast's dtype, else the tensor's) bounds how exactly their blocks' gradients can add up.
+        # The layers recorded so far ran before the replication (on the N samples).
+        self._note_precision(out)
+        self._replications.append((torch.autograd.graph.get_gradient_edge(out), out.shape[0], len(self._records)))
+
+    def _note_precision(self, out: Tensor) -> None:
+        # The precision a layer ran in (autocast's dtype, else its output's) bounds how exactly per-task gradients
+        # computed apart add up to one computed whole; float32 on CUDA may be TF32 (10-bit mantissa, as fp16).
         device = out.device.type
         precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.dtype
-        self._replications.append((out, len(self._records), precision))
+        tf32 = device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        if precision == torch.float32 and tf32:
+            precision = torch.float16
+        tolerance = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(precision, 1e-4)
+        self._tolerance = max(self._tolerance, tolerance)
 
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
@@ -170,7 +189,8 @@ class OneBackward:
             raise ValueError(f"the output of {self._name(module)} does not require grad; OneBackward needs the "
                              "shared layers to be trainable and their forward recorded by autograd (not under "
                              "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False)")
-        self._records.append((module, inputs[0].detach(), output))
+        self._note_precision(output)
+        self._records.append((module, inputs[0].detach(), torch.autograd.graph.get_gradient_edge(output)))
 
     @torch.compiler.disable
     def _record_task_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -209,10 +229,9 @@ class OneBackward:
                              "OneBackward needs one replication point")
         if ids is not None:
             raise ValueError("mtl.replicate builds task-major blocks; it cannot be combined with per-sample task_ids")
-        replicated, recorded_before, _ = self._replications[0]
-        if replicated.shape[0] != batch:
-            raise ValueError(f"mtl.replicate produced {replicated.shape[0]} rows but the task-specific norms "
-                             f"normalized {batch}")
+        _, rows, recorded_before = self._replications[0]
+        if rows != batch:
+            raise ValueError(f"mtl.replicate produced {rows} rows but the task-specific norms normalized {batch}")
         return set(range(recorded_before))
 
     def _check_layout(self, batch: int, ids: Tensor | None, before: set[int] = frozenset()) -> None:
@@ -260,7 +279,7 @@ class OneBackward:
             raise ValueError("OneBackward was given before_replication parameters but the forward did not "
                              "replicate the batch with mtl.replicate")
         replicated = [self._replications[0][0]] if pre_params else []
-        outputs = [out for _, _, out in records]
+        edges = [edge for _, _, edge in records]
         other_params = list(other_params)
         # A captured layer whose forward never ran may still own weights the forward used (functionally, as
         # nn.MultiheadAttention uses out_proj.weight): asking autograd for them tells an unused layer (no
@@ -268,14 +287,24 @@ class OneBackward:
         recorded = {id(m) for m, _, _ in self._records}
         unrecorded = [p for m in self.modules if id(m) not in recorded for p in (m.weight, m.bias)
                       if p is not None and p.requires_grad]
-        grads = torch.autograd.grad(losses.sum(), outputs + other_params + unrecorded + replicated + pre_params,
-                                    allow_unused=True, retain_graph=bool(pre_params))
-        out_grads = grads[:len(outputs)]
-        other_grads = list(grads[len(outputs):len(outputs) + len(other_params)])
-        tail = grads[len(outputs) + len(other_params):]
-        unrecorded_grads, replicated_grads, pre_sums = (tail[:len(unrecorded)],
-                                                        tail[len(unrecorded):len(unrecorded) + len(replicated)],
-                                                        tail[len(unrecorded) + len(replicated):])
+        check = self._model not in _split_checked
+        inputs = edges + other_params + unrecorded + replicated
+        try:
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=bool(pre_params) or check)
+        except RuntimeError as exc:
+            # A torch.compile'd backward that donates its buffers refuses to keep the graph (the check's second
+            # backward needs it); it raises before running, so the graph is intact for one plain pass.
+            if not check or pre_params or "donated buffer" not in str(exc):
+                raise
+            warnings.warn("OneBackward cannot check its per-task split against a second backward of this model: "
+                          "its compiled backward donates buffers (torch._functorch.config.donated_buffer = False "
+                          "allows the check)", stacklevel=2)
+            _split_checked.add(self._model)
+            check = False
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        out_grads = grads[:len(edges)]
+        other_grads = list(grads[len(edges):len(edges) + len(other_params)])
+        unrecorded_grads = grads[len(edges) + len(other_params):len(grads) - len(replicated)]
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
                 owner = next(m for m in self.modules if p is m.weight or p is m.bias)
@@ -288,7 +317,8 @@ class OneBackward:
         for p in self.params:
             layout[id(p)] = (offset, p.numel())
             offset += p.numel()
-        G = torch.zeros(self.num_tasks, offset, dtype=self.params[0].dtype, device=self.params[0].device)
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.params))
+        G = torch.zeros(self.num_tasks, offset, dtype=dtype, device=self.params[0].device)
         orders: dict[int, tuple[Tensor, list[int]]] = {}
         for (module, x, _), dy in zip(records, out_grads):
             if dy is None:
@@ -307,49 +337,61 @@ class OneBackward:
             if module.bias is not None and module.bias.requires_grad:
                 start, size = layout[id(module.bias)]
                 G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
-        if pre_params and replicated_grads[0] is not None:
-            self._per_task_grads_before_replication(G, layout, replicated_grads[0], pre_params, pre_sums)
+        if pre_params and grads[-1] is not None:
+            self._per_task_grads_before_replication(G, layout, grads[-1], pre_params, retain_graph=check)
+        if check:
+            self._check_split(G, layout, losses, set(map(id, pre_params)))
         self._reset()
         return G, other_grads
 
     def _per_task_grads_before_replication(self, G: Tensor, layout: dict, grad: Tensor, params: list[Tensor],
-                                           summed: Sequence[Tensor | None]) -> None:
+                                           retain_graph: bool) -> None:
         """Rows of G for the parameters used before mtl.replicate: task t's gradient is the backward of block t of
         the replicated tensor's gradient alone, through the part that ran once (T backward passes over it)."""
-        replicated, _, precision = self._replications[0]
+        replicated = self._replications[0][0]
         T = self.num_tasks
-        rows = replicated.shape[0] // T
-        per_task = []
+        rows = grad.shape[0] // T
         for t in range(T):
             block = torch.zeros_like(grad)
             block[t * rows:(t + 1) * rows] = grad[t * rows:(t + 1) * rows]
-            per_task.append(torch.autograd.grad(replicated, params, block, retain_graph=t < T - 1,
-                                                allow_unused=True))
-        if self._model not in _replication_checked:
-            # Once per model (a host sync; a training loop makes a new capture each step): the parameters must reach
-            # the losses only through the replicated tensor, else the blocks' gradients do not add up to theirs
-            # and the split would be wrong.
-            # In norms, at the precision the forward ran in (bf16 under autocast rounds each block's part); a
-            # gradient that is all rounding (a stem bias under a norm: ~0) next to the largest one says nothing.
-            tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(precision, 1e-4)
-            scale = max((float(g.norm()) for g in summed if g is not None), default=0.0)
-            for i, (p, total) in enumerate(zip(params, summed)):
-                parts = [g[i] for g in per_task if g[i] is not None]
-                got = torch.stack(parts).sum(dim=0) if parts else None
-                if got is not None and total is not None \
-                        and max(float(got.norm()), float(total.norm())) < 1e-2 * scale:
-                    continue
-                if (total is None) != (got is None) or (total is not None and float((got - total).norm()) > tol * (
-                        float(total.norm()) + 1e-30)):
-                    raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
-                                     f"(shape {tuple(p.shape)}): its gradient does not split by task block; use "
-                                     "the replicated tensor alone after mtl.replicate")
-            _replication_checked.add(self._model)
-        for t, grads in enumerate(per_task):
-            for p, g in zip(params, grads):
+            for p, g in zip(params, torch.autograd.grad(replicated, params, block, allow_unused=True,
+                                                        retain_graph=retain_graph or t < T - 1)):
                 if g is not None:
                     start, size = layout[id(p)]
                     G[t, start:start + size] += g.reshape(-1).to(G.dtype)
+
+    def _check_split(self, G: Tensor, layout: dict, losses: Tensor, before_replication: set[int]) -> None:
+        """Once per model (host syncs, one more backward; a training loop makes a new capture each step): Σ_t c_t·G_t
+        must be the gradient of Σ_t c_t·L_t, with weights c whose neighbours differ in sign. Every column of G is
+        a sum over rows (samples) of per-row parts; the split holds iff each row's part comes from the task it is
+        assigned to, and a row that feeds other tasks' losses (a layer mixing samples of different tasks, rows in
+        another order than the split assumes) makes the two differ."""
+        T = self.num_tasks
+        t = torch.arange(T, device=losses.device)
+        c = (1 - 2 * (t % 2)) * (1 + t / T)                 # +1, −(1 + 1/T), +(1 + 2/T), ...
+        want = torch.autograd.grad((losses * c.to(losses.dtype)).sum(), self.params, allow_unused=True)
+        # In norms against the size of the terms Σ_t |c_t|·|G_t| (the signs of c cancel much of the sum), at the
+        # precision the forward ran in; a parameter whose gradients are all rounding next to the largest (a bias
+        # under a norm: ~0) says nothing.
+        columns = [G[:, start:start + size] for start, size in (layout[id(p)] for p in self.params)]
+        terms = [float(c.abs().to(G.dtype) @ g.norm(dim=1)) for g in columns]
+        largest = max(terms, default=0.0)
+        for p, g, w, size in zip(self.params, columns, want, terms):
+            got = c.to(G.dtype) @ g
+            w = torch.zeros_like(got) if w is None else w.reshape(-1).to(got.dtype)
+            if size < 1e-2 * largest and float(w.norm()) < 1e-2 * largest:
+                continue
+            if float((got - w).norm()) > self._tolerance * max(size, float(w.norm())):
+                if id(p) in before_replication:
+                    raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
+                                     f"(shape {tuple(p.shape)}): its gradient does not split by task block; use "
+                                     "the replicated tensor alone after mtl.replicate")
+                owner = next(m for m in self.modules if p is m.weight or p is m.bias)
+                raise ValueError(f"the per-task gradients of {self._name(owner)} do not split by task: rows of its "
+                                 "output feed other tasks' losses than the rows' own (something mixes samples of "
+                                 "different tasks, or the rows are not in task-major blocks of whole samples — "
+                                 "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
+        _split_checked.add(self._model)
 
 
 # Per-block weight-gradient work (multiply-adds) from which one convolution per block beats one grouped convolution
