@@ -17,7 +17,9 @@ synchronisation. Scale conventions (what Σ w_t is, so the step size means the s
   dualproj  TorchJD: the projection of the mean weighting (1/T each) onto the dual cone: argmin_{v ≥ 1/T} vᵀMv.
   aligned_mtl Senushkin et al. 2023: the gradients are aligned to the condition number 1 by
             B = sqrt(λ_min)·V·Λ^{-1/2}·Vᵀ (on the non-null eigenspace of M) and averaged: w = B·(1/T).
-Zero-norm task rows get weight 0 where a method would divide by their norm.
+A zero-norm task row adds nothing to wᵀG, so its own weight is whatever the method's limit gives: IMTL-G's puts
+all the weight on it (equal projections on every task: d = 0), Nash-MTL's α_t grows without bound, CAGrad's is
+large; the direction is right, the weights of such a task are not informative.
 
 No torch.linalg call that checks its result on the host (eigh, svd, pinv, solve): on a GPU each is a
 synchronisation, and a CUDA-graph capture fails on it. Linear systems use solve_ex(check_errors=False); the
@@ -124,8 +126,9 @@ def nash_mtl(M: Tensor, iterations: int = 40) -> Tensor:
     alpha = 1.0 / diag.sqrt()
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     # Keeps the Newton system solvable where no bargaining solution exists (exactly opposed gradients: α grows
-    # without bound and 1/α² vanishes next to a singular M).
-    ridge = 1e-7 * diag.mean() * eye
+    # without bound and 1/α² vanishes next to a singular M). Per task, at 1e-7 of its own |g_t|²: one ridge at the
+    # mean diagonal swamped the Hessian entries of small tasks, and Newton stalled at norm ratios of ~1e5.
+    ridge = torch.diag(1e-7 * diag)
     for _ in range(iterations):
         grad = M @ alpha - 1.0 / alpha
         hessian = M + eye / (alpha * alpha).unsqueeze(1)
