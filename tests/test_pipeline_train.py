@@ -80,7 +80,10 @@ def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_pa
     for name, content in saved.items():
         assert (tmp_path / name).read_bytes() == content, name
     assert run("cityscapes", tmp_path, "--epochs", "2", "--lr", "1e-3", "--resume") == 0
-    assert "resuming with changed settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming with changed settings" in err and "lr: 0.0001 -> 0.001" in err
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["name"]: g["lr"] for g in groups} == {"shared": 1e-3, "gates": pytest.approx(1e-2)}   # gates at 10×
 
 
 def test_missing_or_corrupt_data_is_one_line_naming_the_file(tmp_path, capsys):

@@ -297,6 +297,10 @@ def train(args, context: dist_mod.Context) -> int:
         state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)   # RNG states live on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict restores the checkpoint's hyperparameters too; this run's --lr (and the gate lr and
+        # weight decay derived from it) are the ones asked for, so they apply from here on.
+        for group, requested in zip(optimizer.param_groups, gate_param_groups(model, args.lr)):
+            group["lr"], group["weight_decay"] = requested["lr"], requested["weight_decay"]
         epoch, step, history = state["epoch"], state["step"], state["history"]
         progress = state.get("progress", progress)
         if history and history[-1].get("partial"):   # replaced by the epoch's entry once the epoch is complete
