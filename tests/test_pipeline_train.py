@@ -6,6 +6,7 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -133,6 +134,17 @@ def test_tsbn_analyze_reads_a_training_run(tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["task_names"] == ["segmentation", "depth", "normal"] and len(summary["gradient_cosine"]) == 3
     assert "Gate trajectories" in (tmp_path / "analysis" / "report.html").read_text()
+
+
+def test_resume_appends_to_the_training_record(tmp_path):
+    assert run("nyuv2", tmp_path, "--epochs", "2", "--aggregator", "pcgrad") == 0
+    before = analysis.load_record(tmp_path / "analysis" / "record.npz")
+    assert run("nyuv2", tmp_path, "--epochs", "3", "--aggregator", "pcgrad", "--resume") == 0
+    after = analysis.load_record(tmp_path / "analysis" / "record.npz")
+    assert after["steps"].tolist() == [4, 8, 12] and len(after["gramians"]) == 3
+    assert np.array_equal(after["gramians"][:2], before["gramians"])
+    for name, snaps in before["trajectories"].items():
+        assert after["trajectories"][name].shape[0] == 3 and np.array_equal(after["trajectories"][name][:2], snaps)
 
 
 def ddp_worker(rank, world, port, argv):

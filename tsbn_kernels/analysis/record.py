@@ -13,15 +13,30 @@ from .gates import gates_from_module
 
 class TrainingRecorder:
     """``rec.record(step, model, gramian)`` snapshots every TS layer's gates (and the [T, T] Gramian of the
-    step's per-task gradients when given); ``rec.close()`` writes RUN_DIR/analysis/record.npz atomically."""
+    step's per-task gradients when given); ``rec.save()`` (or ``close()``) writes RUN_DIR/analysis/record.npz
+    atomically. ``append=True`` (a resumed run) starts from the snapshots an existing record.npz holds, so the
+    file keeps the whole run; without it an existing file is replaced."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, append: bool = False):
         self.path = pathlib.Path(run_dir) / "analysis" / "record.npz"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.steps: list[int] = []
         self.gates: dict[str, list[np.ndarray]] = {}
         self.gramian_steps: list[int] = []
         self.gramians: list[np.ndarray] = []
+        if append and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                self.steps = [int(s) for s in data["steps"]]
+                self.gramian_steps = [int(s) for s in data["gramian_steps"]]
+                self.gramians = list(data["gramians"])
+                names = sorted((k for k in data.files if k.startswith("name_")), key=lambda k: int(k[5:]))
+                self.gates = {str(data[n]): list(data["gates_" + n[5:]]) for n in names}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"cannot append to {self.path}: {exc}; move it away to start a new record") from exc
 
     def record(self, step: int, model: nn.Module, gramian: torch.Tensor | None = None) -> None:
         self.steps.append(int(step))
@@ -31,7 +46,7 @@ class TrainingRecorder:
             self.gramian_steps.append(int(step))
             self.gramians.append(gramian.detach().double().cpu().numpy())
 
-    def close(self) -> pathlib.Path:
+    def save(self) -> pathlib.Path:
         arrays = {"steps": np.asarray(self.steps), "gramian_steps": np.asarray(self.gramian_steps),
                   "gramians": np.asarray(self.gramians) if self.gramians else np.zeros((0, 0, 0))}
         for i, (name, snaps) in enumerate(self.gates.items()):
@@ -41,6 +56,9 @@ class TrainingRecorder:
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, self.path)
         return self.path
+
+    def close(self) -> pathlib.Path:
+        return self.save()
 
     def __enter__(self) -> "TrainingRecorder":
         return self

@@ -324,9 +324,11 @@ def train(args, context: dist_mod.Context) -> int:
         try:
             from ..analysis.record import TrainingRecorder
 
-            recorder = TrainingRecorder(out)
+            recorder = TrainingRecorder(out, append=args.resume)   # a resume keeps the snapshots recorded so far
         except ImportError:
             pass
+        except ValueError as exc:
+            raise SystemExit(f"tsbn-train: {exc}") from None
     try:
         while epoch < args.epochs and (args.steps is None or step < args.steps):
             totals, count, gramian = dict(progress["totals"]), progress["count"], None
@@ -415,8 +417,9 @@ def train(args, context: dist_mod.Context) -> int:
                             out / "checkpoint.pt")
                 write_metrics(out, history)
                 save_plots(out, history, model)
-                if recorder is not None:
+                if recorder is not None:   # saved with each checkpoint, so the record never lags behind it
                     recorder.record(step, model, gramian)
+                    recorder.save()
             saved_step = step
             context.barrier()
     except NonFiniteLoss as exc:
@@ -426,9 +429,6 @@ def train(args, context: dist_mod.Context) -> int:
                     "or a --steps stop)")
             print(f"tsbn-train: {exc}; stopping, {kept}", file=sys.stderr)
         return 2
-    finally:
-        if recorder is not None and recorder.steps:
-            recorder.close()
     return 0
 
 
