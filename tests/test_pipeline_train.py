@@ -2,6 +2,7 @@
 keeps the last good checkpoint, and tsbn-analyze reads the run directory."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -134,6 +135,33 @@ def test_tsbn_analyze_reads_a_training_run(tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["task_names"] == ["segmentation", "depth", "normal"] and len(summary["gradient_cosine"]) == 3
     assert "Gate trajectories" in (tmp_path / "analysis" / "report.html").read_text()
+
+
+def test_resume_may_add_or_drop_the_baseline(tmp_path):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"accuracy": 0.9, "f1": 0.7}))
+    out = tmp_path / "run"
+    fast = ["--norm", "bn", "--aggregator", "sum"]
+    assert run("celeba", out, "--epochs", "1", *fast) == 0
+    assert run("celeba", out, "--epochs", "2", *fast, "--resume", "--baseline", str(baseline)) == 0
+    assert run("celeba", out, "--epochs", "3", *fast, "--resume") == 0
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert rows[0]["delta_m"] == rows[2]["delta_m"] == "" and float(rows[1]["delta_m"]) > -100
+    assert [("delta_m" in h["val"]) for h in json.loads((out / "metrics.json").read_text())] == [False, True, False]
+    assert (out / "plots" / "metrics.png").stat().st_size > 1000
+
+
+def test_metrics_json_is_strict_json_with_null_for_nan(tmp_path):
+    history = [{"epoch": 1, "step": 2, "train_loss": {"a": 0.5}, "val": {"miou": float("nan"), "abs_err": 0.25}}]
+    train.write_metrics(tmp_path, history)
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in metrics.json")
+    loaded = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert loaded[0]["val"] == {"miou": None, "abs_err": 0.25}
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1] == "1,2,0.5,nan,0.25"
 
 
 def test_resume_appends_to_the_training_record(tmp_path):

@@ -132,17 +132,20 @@ def save_plots(out: pathlib.Path, history: list[dict], model) -> None:
 
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    epochs = [h["epoch"] for h in history]
+    def series(part, key):   # the epochs that have the value: a resume may add or drop --baseline (delta_m)
+        points = [(h["epoch"], h[part][key]) for h in history if h[part].get(key) is not None]
+        return [e for e, _ in points], [v for _, v in points]
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for task in history[-1]["train_loss"]:
-        ax.plot(epochs, [h["train_loss"][task] for h in history], marker="o", label=task)
+    for task in dict.fromkeys(k for h in history for k in h["train_loss"]):
+        ax.plot(*series("train_loss", task), marker="o", label=task)
     ax.set_xlabel("epoch"), ax.set_ylabel("mean training loss"), ax.legend(fontsize=6)
     fig.savefig(plots / "loss.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    keys = [k for k in history[-1]["val"]]
+    keys = list(dict.fromkeys(k for h in history for k in h["val"]))
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot(epochs, [h["val"][key] for h in history], marker="o")
+        ax.plot(*series("val", key), marker="o")
         ax.set_title(key, fontsize=8)
     fig.savefig(plots / "metrics.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -432,13 +435,26 @@ def train(args, context: dist_mod.Context) -> int:
     return 0
 
 
+def _strict_json(value):
+    """NaN/Inf (an undefined metric, such as the mIoU of a split without labels) as null: JSON has no NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_metrics(out: pathlib.Path, history: list[dict]) -> None:
-    atomic_write(out / "metrics.json", json.dumps(history, indent=1))
+    atomic_write(out / "metrics.json", json.dumps(_strict_json(history), indent=1, allow_nan=False))
     rows = [{"epoch": h["epoch"], "step": h["step"], **{f"loss_{k}": v for k, v in h["train_loss"].items()},
              **h["val"]} for h in history]
+    # Every column any epoch has (a resume may add or drop --baseline, hence delta_m); empty where one lacks it.
+    fieldnames = list(dict.fromkeys(k for row in rows for k in row))
     tmp = out / "metrics.csv.tmp"
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out / "metrics.csv")
