@@ -133,5 +133,31 @@ def test_pascal_metrics_have_task_prefixed_keys_and_delta_m_only_with_a_baseline
     with_baseline.update(outputs, batch)
     # seg mIoU at half its baseline: +50 %; normals equal to theirs: 0 -> Δm = 25 %.
     assert with_baseline.compute()["delta_m"] == pytest.approx(25.0)
+    # Δm takes one metric per task (PASCAL_DELTA_KEYS): a full baseline's pixel accuracies, saliency mIoU and
+    # median angle, here far from the results, do not count.
+    full = {**baseline, "seg_pix_acc": result["seg_pix_acc"] * 4, "sal_miou": result["sal_miou"] * 5,
+            "normal_median_angle": result["normal_median_angle"] / 3}
+    with_full = metrics.BenchmarkMetrics("pascal", baseline=full)
+    with_full.update(outputs, batch)
+    assert with_full.compute()["delta_m"] == pytest.approx(25.0)
     nyu = metrics.BenchmarkMetrics("nyuv2")
     assert nyu.baseline == metrics.BASELINES["nyuv2"]
+
+
+def test_check_baseline_refuses_what_delta_m_cannot_use_and_names_ignored_keys():
+    assert metrics.metric_names("cityscapes") == ["miou", "pix_acc", "abs_err", "rel_err"]
+    assert metrics.check_baseline("cityscapes", dict(metrics.BASELINES["cityscapes"])) == []
+    with pytest.raises(ValueError, match=r"no key is a metric Δm of cityscapes uses: \['mIoU'\]"):
+        metrics.check_baseline("cityscapes", {"mIoU": 0.7})
+    with pytest.raises(ValueError, match="JSON object"):
+        metrics.check_baseline("cityscapes", [0.7])
+    with pytest.raises(ValueError, match=r"finite non-zero numbers .*\['abs_err', 'rel_err'\]"):
+        metrics.check_baseline("cityscapes", {"miou": 0.7, "abs_err": 0, "rel_err": "27"})
+    warnings = metrics.check_baseline("cityscapes", {"miou": 0.74, "my_metric": 1.0})
+    assert any("['my_metric']" in w and "ignored" in w for w in warnings), warnings
+    assert any("without ['pix_acc', 'abs_err', 'rel_err']" in w for w in warnings), warnings
+    # PASCAL-Context: metrics outside the one-per-task convention are named as unused; none of it is an error.
+    warnings = metrics.check_baseline("pascal", {"seg_miou": 0.6, "seg_pix_acc": 0.9})
+    assert any("not used by Δm" in w and "['seg_pix_acc']" in w for w in warnings), warnings
+    with pytest.raises(ValueError, match="no key is a metric Δm of pascal uses"):
+        metrics.check_baseline("pascal", {"seg_pix_acc": 0.9, "miou": 0.6})

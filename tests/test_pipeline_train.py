@@ -153,6 +153,25 @@ def test_resume_may_add_or_drop_the_baseline(tmp_path):
     assert (out / "plots" / "metrics.png").stat().st_size > 1000
 
 
+def test_a_wrong_baseline_file_stops_before_training(tmp_path, monkeypatch, capsys):
+    def no_training(*args):
+        raise AssertionError("training started with an unusable --baseline")
+    monkeypatch.setattr(train, "make_data", no_training)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"mIoU": 0.7}))
+    with pytest.raises(SystemExit, match=r"--baseline .*wrong.json: no key is a metric Δm of cityscapes uses"):
+        run("cityscapes", tmp_path / "run", "--baseline", str(wrong))
+    wrong.write_text("{not json")
+    with pytest.raises(SystemExit, match="wrong.json: Expecting property name"):
+        run("cityscapes", tmp_path / "run", "--baseline", str(wrong))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    partly = tmp_path / "partly.json"
+    partly.write_text(json.dumps({"miou": 0.74, "my_metric": 1.0}))
+    assert run("cityscapes", tmp_path / "ok", "--steps", "1", "--baseline", str(partly)) == 0
+    assert "not metrics of cityscapes, ignored: ['my_metric']" in capsys.readouterr().err
+
+
 def test_metrics_json_is_strict_json_with_null_for_nan(tmp_path):
     history = [{"epoch": 1, "step": 2, "train_loss": {"a": 0.5}, "val": {"miou": float("nan"), "abs_err": 0.25}}]
     train.write_metrics(tmp_path, history)

@@ -229,9 +229,48 @@ def delta_m_per_task(task_metrics: dict[str, dict[str, float]], baseline: dict[s
     return sum(values) / len(values) if values else math.nan
 
 
+def metric_names(benchmark: str) -> list[str]:
+    """The metric keys BenchmarkMetrics(benchmark).compute() reports (before ``delta_m``)."""
+    return list(BenchmarkMetrics(benchmark, baseline={}).compute())
+
+
+def delta_m_keys(benchmark: str) -> tuple[str, ...]:
+    """The metrics Δm averages over when the baseline has them: one per task for PASCAL-Context, else all."""
+    return PASCAL_DELTA_KEYS if benchmark == "pascal" else tuple(metric_names(benchmark))
+
+
+def check_baseline(benchmark: str, baseline) -> list[str]:
+    """Validate a single-task baseline {metric: value} for ``benchmark`` before any training: raises ValueError
+    when it is not such a mapping, a value is not a finite non-zero number (Δm divides by it) or no key is one
+    Δm uses; returns warnings naming the keys Δm ignores (unknown metrics, or metrics outside the Δm convention)
+    and the Δm metrics it lacks."""
+    if not isinstance(baseline, dict):
+        raise ValueError(f"must be a JSON object {{metric: value}}, got {type(baseline).__name__}")
+    bad = [k for k, v in baseline.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0]
+    if bad:
+        raise ValueError(f"values must be finite non-zero numbers (Δm divides by them): {bad}")
+    names, used = metric_names(benchmark), delta_m_keys(benchmark)
+    if not any(k in baseline for k in used):
+        raise ValueError(f"no key is a metric Δm of {benchmark} uses: {sorted(baseline)}; expected some of "
+                         f"{list(used)}")
+    warnings = []
+    unknown = [k for k in baseline if k not in names]
+    if unknown:
+        warnings.append(f"not metrics of {benchmark}, ignored: {unknown} (its metrics: {names})")
+    outside = [k for k in baseline if k in names and k not in used]
+    if outside:
+        warnings.append(f"not used by Δm, which averages one metric per task ({list(used)}): {outside}")
+    missing = [k for k in used if k not in baseline]
+    if missing:
+        warnings.append(f"Δm averages over the metrics the baseline has, without {missing}")
+    return warnings
+
+
 class BenchmarkMetrics:
     """Every metric of one benchmark over a split: ``update(outputs, batch)`` per batch, then ``compute()``, which
-    adds ``delta_m`` when a single-task baseline is known (built in for NYUv2 and Cityscapes, or given)."""
+    adds ``delta_m`` when a single-task baseline is known (built in for NYUv2 and Cityscapes, or given); for
+    PASCAL-Context Δm averages only the baseline's keys in PASCAL_DELTA_KEYS (one metric per task)."""
 
     def __init__(self, benchmark: str, num_classes: dict[str, int] | None = None,
                  baseline: dict[str, float] | None = None):
@@ -274,5 +313,8 @@ class BenchmarkMetrics:
                     values = {k: values[k] for k in ("mean_angle", "median_angle")}
                 result.update({f"{prefixes[task]}_{k}": v for k, v in values.items()})
         if self.baseline:
-            result["delta_m"] = delta_m(result, self.baseline)
+            baseline = self.baseline
+            if self.benchmark == "pascal":
+                baseline = {k: v for k, v in baseline.items() if k in PASCAL_DELTA_KEYS}
+            result["delta_m"] = delta_m(result, baseline)
         return result

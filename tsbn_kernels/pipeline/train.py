@@ -45,7 +45,7 @@ from . import distributed as dist_mod
 from .dense_data import DenseDataset, synthesize
 from .errors import DatasetError
 from .losses import celeba_losses, dense_losses
-from .metrics import BenchmarkMetrics
+from .metrics import BenchmarkMetrics, check_baseline
 from .models import ARCHS, build_model
 
 REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64), "pascal": (512, 512)}
@@ -261,15 +261,31 @@ def check_run_directory(args, out: pathlib.Path) -> None:
               + "; ".join(changed), file=sys.stderr)
 
 
+def load_baseline(args, context: dist_mod.Context) -> dict | None:
+    """--baseline checked against the benchmark's metrics before training, not when the first epoch ends."""
+    if not args.baseline:
+        return None
+    path = pathlib.Path(args.baseline)
+    try:
+        baseline = json.loads(path.read_text())
+        warnings = check_baseline(args.benchmark, baseline)
+    except ValueError as exc:   # also json.JSONDecodeError
+        raise SystemExit(f"tsbn-train: --baseline {path}: {exc}") from None
+    if context.is_main:
+        for warning in warnings:
+            print(f"tsbn-train: --baseline {path}: {warning}", file=sys.stderr)
+    return baseline
+
+
 def train(args, context: dist_mod.Context) -> int:
     out = pathlib.Path(args.out)
     check_run_directory(args, out)
+    baseline = load_baseline(args, context)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    baseline = json.loads(pathlib.Path(args.baseline).read_text()) if args.baseline else None
     model = build_model(args.benchmark, args.norm, args.width, 4 * args.width, args.backend, args.pretrained,
                         args.arch, tuple(args.size)).to(device, getattr(torch, args.dtype))
     if context.distributed:
