@@ -55,6 +55,30 @@ def test_augmentation_scales_depth_and_flips_normals(tmp_path):
     assert len(seen_scales) >= 2 and seen_flip
 
 
+@pytest.mark.parametrize("dataset,power", [("cityscapes", 1), ("nyuv2", -1)])
+def test_augmentation_divides_depth_and_multiplies_disparity_by_the_zoom(tmp_path, dataset, power):
+    # Zooming in by s brings the scene s times closer: depth / s (NYUv2), disparity (∝ 1 / depth) × s (Cityscapes).
+    dense_data.synthesize(dataset, tmp_path, 1, size=(30, 40))
+    np.save(tmp_path / "train" / "depth" / "0.npy", np.full((30, 40, 1), 0.5, dtype=np.float32))
+    seen = set()
+    for seed in range(12):
+        out = data.DenseDataset(dataset, tmp_path, augment=True, seed=seed)[0]["depth"]
+        scale = (out.unique().item() / 0.5) ** power
+        assert any(abs(scale - s) < 1e-6 for s in (1.0, 1.2, 1.5)), scale
+        seen.add(round(scale, 3))
+    assert seen - {1.0}
+
+
+def test_hidden_files_are_skipped_and_foreign_names_refused(tmp_path):
+    dense_data.synthesize("cityscapes", tmp_path, 2, size=(8, 8))
+    image = tmp_path / "train" / "image"
+    (image / "._0.npy").write_bytes((image / "0.npy").read_bytes())    # macOS AppleDouble next to 0.npy
+    assert len(data.DenseDataset("cityscapes", tmp_path)) == 2
+    (image / "0 copy.npy").write_bytes((image / "0.npy").read_bytes())
+    with pytest.raises(ValueError, match=r"image/0 copy\.npy is not named \{i\}\.npy"):
+        data.DenseDataset("cityscapes", tmp_path)
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     dense_data.synthesize("cityscapes", tmp_path, 3, size=(24, 32))
     dataset = data.DenseDataset("cityscapes", tmp_path, augment=True, seed=5)

@@ -26,12 +26,13 @@ class DenseSpec:
     num_classes: int
     folders: dict[str, str]          # task -> folder name
     splits: dict[str, int]           # published split sizes
+    disparity: bool = False          # the "depth" folder holds disparity (∝ 1 / depth), as Cityscapes' does
 
 
 NYUV2 = DenseSpec("nyuv2", (288, 384), 13, {"image": "image", "segmentation": "label", "depth": "depth",
                                              "normal": "normal"}, {"train": 795, "val": 654})
 CITYSCAPES = DenseSpec("cityscapes", (128, 256), 7, {"image": "image", "segmentation": "label_7", "depth": "depth"},
-                       {"train": 2975, "val": 500})
+                       {"train": 2975, "val": 500}, disparity=True)
 SPECS = {"nyuv2": NYUV2, "cityscapes": CITYSCAPES}
 
 
@@ -53,7 +54,12 @@ class DenseDataset(torch.utils.data.Dataset):
     [H, W] long (−1 ignore), depth [1, H, W] (0 invalid), and for NYUv2 normal [3, H, W] (0 invalid).
 
     ``augment=True`` applies the MTAN/LibMTL augmentation: a random scale s ∈ {1, 1.2, 1.5} crop resized back
-    to full size (depth divided by s, labels by nearest neighbour) and a horizontal flip (normal x negated).
+    to full size (labels by nearest neighbour) and a horizontal flip (normal x negated). Zooming in by s shows
+    the scene as if s times closer: depth is divided by s, Cityscapes' disparity multiplied by s (LibMTL divides
+    both).
+
+    Files of image/ whose names are not ``{i}.npy`` are refused by name; hidden ones (macOS ``._0.npy``
+    AppleDouble files left by unpacking an archive) are skipped.
     The draws of sample i are a function of (seed, epoch, i) alone — see ``sample_generator`` — so they do not
     depend on the loading order, the number of DataLoader workers or of DDP ranks."""
 
@@ -65,7 +71,12 @@ class DenseDataset(torch.utils.data.Dataset):
         if not image_dir.is_dir():
             raise FileNotFoundError(f"{self.spec.name}: no image folder {image_dir} (expected the MTAN layout "
                                     f"{{root}}/{{train,val}}/{{{','.join(self.spec.folders.values())}}}/{{i}}.npy)")
-        self.indices = sorted(int(p.stem) for p in image_dir.glob("*.npy"))
+        files = [p for p in image_dir.glob("*.npy") if not p.name.startswith(".")]
+        foreign = [p for p in files if not p.stem.isdigit()]
+        if foreign:
+            raise DatasetError(f"{self.spec.name}: {foreign[0]} is not named {{i}}.npy (an integer index) as the "
+                               "MTAN layout's files are; move it out of the data folder")
+        self.indices = sorted(int(p.stem) for p in files)
         if not self.indices:
             raise FileNotFoundError(f"{self.spec.name}: {image_dir} holds no .npy files")
         self.augment = augment
@@ -94,7 +105,7 @@ class DenseDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
         if not self.augment:
             return out
-        return random_scale_flip(out, sample_generator(self.seed, self.epoch, item))
+        return random_scale_flip(out, sample_generator(self.seed, self.epoch, item), disparity=self.spec.disparity)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -102,7 +113,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 63))
 
 
-def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | None = None,
+                      disparity: bool = False) -> dict[str, Tensor]:
+    """Scale-crop and flip of one sample; ``disparity``: sample["depth"] is disparity, multiplied by the zoom."""
     height, width = sample["image"].shape[-2:]
     scale = [1.0, 1.2, 1.5][int(torch.randint(3, (1,), generator=generator))]
     h, w = int(height / scale), int(width / scale)
@@ -116,7 +129,9 @@ def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | No
         elif key in ("depth", "normal"):
             # Nearest keeps invalid (0) pixels invalid instead of smearing them into their neighbours.
             resized = F.interpolate(crop[None], size=(height, width), mode="nearest")[0]
-            out[key] = resized / scale if key == "depth" else resized
+            if key == "depth":
+                resized = resized * scale if disparity else resized / scale
+            out[key] = resized
         else:
             out[key] = F.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     if bool(torch.rand(1, generator=generator) < 0.5):
