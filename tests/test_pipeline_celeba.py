@@ -49,3 +49,11 @@ def test_errors_name_the_file(tmp_path):
         data.CelebA(tmp_path)
     with pytest.raises(ValueError, match="split must be one of"):
         data.CelebA(tmp_path, "validation")
+
+
+@pytest.mark.parametrize("train,val", [(3, 2), (6, 4)])
+def test_synthetic_split_sizes_are_the_asked_counts(tmp_path, train, val):
+    # As tsbn-train --data synthetic asks for them: fractions of the total made from the counts.
+    total = train + 2 * val
+    celeba_data.synthesize(tmp_path, total, splits=(train / total, val / total, val / total))
+    assert [len(data.CelebA(tmp_path, s, 16)) for s in ("train", "val", "test")] == [train, val, val]

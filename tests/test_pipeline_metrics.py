@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,14 @@ def test_normals_angles_median_and_thresholds():
     assert out["median_angle"] == pytest.approx(20.0, abs=1e-3)
     assert out["within_11.25"] == pytest.approx(1 / 3)
     assert out["within_22.5"] == pytest.approx(2 / 3) and out["within_30"] == pytest.approx(2 / 3)
+
+
+def test_median_angle_of_an_even_count_is_the_mean_of_the_middle_two():
+    normals = metrics.Normals()
+    angles = [10.0, 40.0, 50.0, 70.0]
+    pred = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a)), 0.0] for a in angles])
+    normals.update(pred.T.reshape(1, 3, 4, 1), torch.tensor([[1.0, 0, 0]] * 4).T.reshape(1, 3, 4, 1))
+    assert normals.compute()["median_angle"] == pytest.approx(np.median(angles), abs=1e-3)
 
 
 def test_binary_attributes_accuracy_and_f1():

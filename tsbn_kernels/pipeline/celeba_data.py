@@ -90,6 +90,9 @@ def synthesize(root: str | os.PathLike, n: int, seed: int = 0, splits=(0.8, 0.1,
     colours = rng.integers(0, 256, size=(40, 3))
     angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
     attr_lines = [str(n), " ".join(ATTRIBUTES)]
+    # Integer split boundaries: fractions made from counts (3/7 of 7) must give those counts back, which
+    # comparing i with the float product (2.9999…) does not.
+    train_end, val_end = round(splits[0] * n), round((splits[0] + splits[1]) * n)
     partition_lines = []
     for i in range(1, n + 1):
         name = f"{i:06d}.jpg"
@@ -103,7 +106,7 @@ def synthesize(root: str | os.PathLike, n: int, seed: int = 0, splits=(0.8, 0.1,
             draw.rectangle((x - 5, y - 5, x + 5, y + 5), fill=tuple(int(c) for c in colours[k]))
         img.save(root / "img_align_celeba" / name, quality=95)
         attr_lines.append(name + " " + " ".join("1" if a else "-1" for a in attrs))
-        split = 0 if i <= splits[0] * n else (1 if i <= (splits[0] + splits[1]) * n else 2)
+        split = 0 if i <= train_end else (1 if i <= val_end else 2)
         partition_lines.append(f"{name} {split}")
     (root / "list_attr_celeba.txt").write_text("\n".join(attr_lines) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(partition_lines) + "\n")

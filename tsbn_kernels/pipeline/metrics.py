@@ -98,9 +98,12 @@ class Normals:
     def compute(self) -> dict[str, float]:
         n = max(self.count, 1)
         cumulative = self.histogram.cumsum(0)
-        median_bin = int(torch.searchsorted(cumulative, (self.count + 1) // 2))
+        # The median as np.median takes it: the middle value, or the mean of the two middle values of an even
+        # count (1-based ranks (n + 1) // 2 and n // 2 + 1, the same rank when n is odd).
+        low = int(torch.searchsorted(cumulative, (self.count + 1) // 2))
+        high = int(torch.searchsorted(cumulative, self.count // 2 + 1)) if self.count else low
         width = 180 / self.BINS
-        return {"mean_angle": self.angle_sum / n, "median_angle": (median_bin + 0.5) * width,
+        return {"mean_angle": self.angle_sum / n, "median_angle": ((low + high) / 2 + 0.5) * width,
                 **{f"within_{t:g}": cumulative[min(int(t / width), self.BINS) - 1].item() / n
                    for t in (11.25, 22.5, 30)}}
 
