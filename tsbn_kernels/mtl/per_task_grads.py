@@ -180,6 +180,10 @@ class OneBackward:
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
 
+    def _owner_name(self, param: Tensor) -> str:
+        """The name of the captured layer that holds ``param`` as its weight or bias."""
+        return self._name(next(m for m in self.modules if param is m.weight or param is m.bias))
+
     # Never traced: inside a torch.compile'd model a traced hook would record tensors that the graph hands out as
     # extra outputs, cut off from the autograd path to the losses (every per-task gradient silently zero). Disabled,
     # the hook splits the graph there and records the real output.
@@ -307,8 +311,7 @@ class OneBackward:
         unrecorded_grads = grads[len(edges) + len(other_params):len(grads) - len(replicated)]
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
-                owner = next(m for m in self.modules if p is m.weight or p is m.bias)
-                raise ValueError(f"{self._name(owner)}'s parameters got a gradient but its forward was never "
+                raise ValueError(f"{self._owner_name(p)}'s parameters got a gradient but its forward was never "
                                  "called (its weight is used directly, as nn.MultiheadAttention uses out_proj); "
                                  "its per-task split is unknown. Leave it out of `modules=` or use "
                                  "mtl.autograd_gradients")
@@ -386,8 +389,7 @@ class OneBackward:
                     raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
                                      f"(shape {tuple(p.shape)}): its gradient does not split by task block; use "
                                      "the replicated tensor alone after mtl.replicate")
-                owner = next(m for m in self.modules if p is m.weight or p is m.bias)
-                raise ValueError(f"the per-task gradients of {self._name(owner)} do not split by task: rows of its "
+                raise ValueError(f"the per-task gradients of {self._owner_name(p)} do not split by task: rows of its "
                                  "output feed other tasks' losses than the rows' own (something mixes samples of "
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
                                  "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
