@@ -1,13 +1,15 @@
 """Every metric against values computed by hand on tiny inputs."""
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tsbn_kernels.pipeline import metrics
+from tsbn_kernels.pipeline import celeba_data, metrics
 
 
 def test_segmentation_confusion_miou_and_pixel_accuracy():
@@ -123,7 +125,8 @@ def test_edge_proxy_ods_f_with_the_distance_tolerance():
 def test_pascal_metrics_have_task_prefixed_keys_and_delta_m_only_with_a_baseline():
     g = torch.Generator().manual_seed(0)
     n, h, w = 2, 16, 16
-    outputs = {"segmentation": torch.randn(n, 21, h, w, generator=g), "human_parts": torch.randn(n, 7, h, w, generator=g),
+    outputs = {"segmentation": torch.randn(n, 21, h, w, generator=g),
+               "human_parts": torch.randn(n, 7, h, w, generator=g),
                "saliency": torch.randn(n, 1, h, w, generator=g), "normal": torch.randn(n, 3, h, w, generator=g),
                "edge": torch.randn(n, 1, h, w, generator=g)}
     batch = {"segmentation": torch.randint(-1, 21, (n, h, w), generator=g),
@@ -170,3 +173,98 @@ def test_check_baseline_refuses_what_delta_m_cannot_use_and_names_ignored_keys()
     assert any("not used by Δm" in w and "['seg_pix_acc']" in w for w in warnings), warnings
     with pytest.raises(ValueError, match="no key is a metric Δm of pascal uses"):
         metrics.check_baseline("pascal", {"seg_pix_acc": 0.9, "miou": 0.6})
+
+
+def test_binary_attributes_per_attribute_by_name_and_the_f1_of_an_absent_attribute():
+    attrs = metrics.BinaryAttributes(4, names=("a", "b", "c", "d"))
+    logits = torch.tensor([[2.0, -1.0, -1.0, 3.0], [1.0, -2.0, -1.0, -1.0], [-3.0, -1.0, -0.5, -1.0],
+                           [0.5, -1.0, -2.0, -4.0]])
+    target = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
+    for rows in (slice(0, 1), slice(1, 4)):          # the counts of the whole split decide
+        attrs.update(logits[rows], target[rows])
+    out = attrs.compute()
+    # a: pred 1,1,0,1 vs 1,0,0,1: tp 2 fp 1 fn 0 tn 1 -> acc 3/4, F1 2·2 / (2·2 + 1) = 4/5.
+    # b: never predicted, never present: tp = fp = fn = 0 -> acc 1, F1 1 (sklearn zero_division=1.0).
+    # c: never predicted, present twice: tp 0 fn 2 tn 2 -> acc 1/2, F1 0 (2·0 / (0 + 0 + 2)).
+    # d: predicted once, never present: fp 1 tn 3 -> acc 3/4, F1 0 (2·0 / (0 + 1 + 0)).
+    expected = {"a_accuracy": 0.75, "a_f1": 0.8, "b_accuracy": 1.0, "b_f1": 1.0, "c_accuracy": 0.5, "c_f1": 0.0,
+                "d_accuracy": 0.75, "d_f1": 0.0}
+    assert list(out) == ["accuracy", "f1", *expected]
+    assert out == pytest.approx({"accuracy": 3.0 / 4, "f1": 1.8 / 4, **expected})
+    assert all(type(v) is float for v in out.values())
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        attrs.update(logits[:, :3], target[:, :3])
+    with pytest.raises(ValueError, match="3 attribute names for 4"):
+        metrics.BinaryAttributes(4, names=("a", "b", "c"))
+
+
+def celeba_outputs(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(n, 40, generator=g) < 0.4).float()
+    logits = torch.where(torch.rand(n, 40, generator=g) < 0.8, 2 * target - 1, 1 - 2 * target)
+    return {f"attr{k:02d}": logits[:, k:k + 1] for k in range(40)}, {"attributes": target}
+
+
+def test_celeba_reports_every_attribute_by_name_and_the_means_of_them():
+    outputs, batch = celeba_outputs()
+    m = metrics.BenchmarkMetrics("celeba")
+    m.update(outputs, batch)
+    out = m.compute()
+    names = celeba_data.ATTRIBUTES
+    assert list(out) == ["accuracy", "f1", *(f"{a}_{k}" for a in names for k in ("accuracy", "f1"))]
+    assert metrics.metric_names("celeba") == list(out) and "delta_m" not in out
+    assert out["accuracy"] == pytest.approx(np.mean([out[f"{a}_accuracy"] for a in names]))
+    assert out["f1"] == pytest.approx(np.mean([out[f"{a}_f1"] for a in names]))
+    logits, target = torch.cat(list(outputs.values()), 1) > 0, batch["attributes"].bool()
+    k = names.index("Smiling")
+    tp = int((logits[:, k] & target[:, k]).sum())
+    fp, fn = int((logits[:, k] & ~target[:, k]).sum()), int((~logits[:, k] & target[:, k]).sum())
+    assert out["Smiling_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert out["Smiling_accuracy"] == pytest.approx(float((logits[:, k] == target[:, k]).double().mean()))
+    assert metrics.summary(out) == {"accuracy": out["accuracy"], "f1": out["f1"]}
+
+
+def test_celeba_delta_m_over_the_means_or_per_attribute_never_both():
+    outputs, batch = celeba_outputs()
+    plain = metrics.BenchmarkMetrics("celeba")
+    plain.update(outputs, batch)
+    result = plain.compute()
+
+    def delta(baseline):
+        m = metrics.BenchmarkMetrics("celeba", baseline=baseline)
+        m.update(outputs, batch)
+        return m.compute()["delta_m"]
+
+    # The two means, as before per-attribute metrics were reported: accuracy at 4/5 of its baseline -> +20 % / 2.
+    means = {"accuracy": result["accuracy"] / 0.8, "f1": result["f1"]}
+    assert delta(means) == pytest.approx(10.0)
+    assert metrics.check_baseline("celeba", means) == []
+    # Per-attribute F1 baselines (FAMO's): their mean; the means in the same file are not counted again.
+    per_f1 = {f"{a}_f1": result[f"{a}_f1"] for a in celeba_data.ATTRIBUTES}
+    per_f1["Smiling_f1"] = result["Smiling_f1"] / 0.5            # Smiling at half its baseline: +50 % / 40
+    assert delta(per_f1) == pytest.approx(50 / 40)
+    assert delta({**per_f1, **means}) == pytest.approx(50 / 40)
+    warnings = metrics.check_baseline("celeba", {**per_f1, **means})
+    assert any("not used by Δm" in w and "['accuracy', 'f1']" in w for w in warnings), warnings
+    assert any("without" in w and "Smiling_accuracy" in w for w in warnings), warnings
+    with pytest.raises(ValueError, match="no key is a metric Δm of celeba uses.*Smiling_f1"):
+        metrics.check_baseline("celeba", {"smiling_f1": 0.9})
+
+
+def test_celeba_metrics_csv_has_one_column_per_attribute_metric(tmp_path):
+    from tsbn_kernels.pipeline import train
+
+    outputs, batch = celeba_outputs()
+    history = []
+    for epoch in (1, 2):
+        m = metrics.BenchmarkMetrics("celeba", baseline={"accuracy": 0.9, "f1": 0.7})
+        m.update(outputs, batch)
+        history.append({"epoch": epoch, "step": epoch, "train_loss": {"attr00": 0.5}, "val": m.compute()})
+    train.write_metrics(tmp_path, history)
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and len(rows[0]) == 2 + 1 + 2 + 80 + 1
+    assert float(rows[1]["Bald_f1"]) == pytest.approx(history[1]["val"]["Bald_f1"])
+    assert float(rows[0]["delta_m"]) == pytest.approx(history[0]["val"]["delta_m"])
+    assert json.loads((tmp_path / "metrics.json").read_text())[0]["val"]["Young_accuracy"] == pytest.approx(
+        history[0]["val"]["Young_accuracy"])

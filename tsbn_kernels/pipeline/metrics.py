@@ -2,8 +2,10 @@
 
 Segmentation accumulates one confusion matrix (mIoU over the classes that occur in prediction or label, pixel
 accuracy); depth and normal errors count valid pixels only (depth 0 / normal 0 = invalid); the median normal
-angle comes from a 0.001°-bin histogram, so no per-pixel array is kept. Δm follows the CAGrad / Nash-MTL / FAMO
-convention (lower is better), against the published single-task baselines below.
+angle comes from a 0.001°-bin histogram, so no per-pixel array is kept. CelebA reports the mean accuracy and F1
+over the 40 attributes and each attribute's own as ``{name}_accuracy`` / ``{name}_f1`` (flat keys: the CSV holds
+one column per key; ``summary`` drops the per-attribute ones for a console line or a plot). Δm follows the
+CAGrad / Nash-MTL / FAMO convention (lower is better), against the published single-task baselines below.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .celeba_data import ATTRIBUTES
 
 BASELINES = {
     "nyuv2": {"miou": 0.3830, "pix_acc": 0.6376, "abs_err": 0.6754, "rel_err": 0.2780, "mean_angle": 25.01,
@@ -25,6 +29,8 @@ HIGHER_IS_BETTER = {"miou": True, "pix_acc": True, "abs_err": False, "rel_err": 
 HIGHER_IS_BETTER.update({"seg_miou": True, "seg_pix_acc": True, "parts_miou": True, "parts_pix_acc": True,
                          "sal_max_f": True, "sal_miou": True, "normal_mean_angle": False, "normal_median_angle": False,
                          "edge_ods_f": True})
+ATTRIBUTE_KEYS = tuple(f"{name}_{metric}" for name in ATTRIBUTES for metric in ("accuracy", "f1"))
+HIGHER_IS_BETTER.update(dict.fromkeys(ATTRIBUTE_KEYS, True))
 # The metrics Δm averages over for PASCAL-Context (the MTI-Net / ATRC convention: one per task). No published
 # single-task baseline is built in: it depends on the backbone; pass one with tsbn-train --baseline FILE.
 PASCAL_DELTA_KEYS = ("seg_miou", "parts_miou", "sal_max_f", "normal_mean_angle", "edge_ods_f")
@@ -109,15 +115,29 @@ class Normals:
 
 
 class BinaryAttributes:
-    """Per-attribute accuracy and F1 of multi-label logits [N, A] against 0/1 targets; the means are reported."""
+    """Per-attribute accuracy and F1 of multi-label logits [N, A] against 0/1 targets over the split (a logit > 0
+    predicts the attribute). ``compute`` gives the means over the attributes as ``accuracy`` and ``f1``, then
+    ``{name}_accuracy`` and ``{name}_f1`` of each attribute in ``names`` order.
 
-    def __init__(self, num_attributes: int):
+    F1 = 2·tp / (2·tp + fp + fn). An attribute neither predicted nor present in the split (tp = fp = fn = 0) has
+    no defined F1; it scores 1 here, as sklearn's ``f1_score(..., zero_division=1.0)`` (sklearn's default and
+    FAMO's CelebA code give 0): nothing was missed and nothing was claimed, and a perfect classifier scores 1 on
+    every attribute. Predicting no positive while the split has some, or only false ones, scores 0 as
+    everywhere. On the released val split every attribute occurs, so the convention only shows on small sets."""
+
+    def __init__(self, num_attributes: int, names: tuple[str, ...] | list[str] | None = None):
+        if names is not None and len(names) != num_attributes:
+            raise ValueError(f"{len(names)} attribute names for {num_attributes} attributes")
+        self.names = tuple(names) if names is not None else tuple(f"attr{i:02d}" for i in range(num_attributes))
         self.tp = torch.zeros(num_attributes, dtype=torch.long)
         self.fp = torch.zeros_like(self.tp)
         self.fn = torch.zeros_like(self.tp)
         self.tn = torch.zeros_like(self.tp)
 
     def update(self, logits: Tensor, target: Tensor) -> None:
+        if logits.shape != target.shape or logits.dim() != 2 or logits.shape[1] != len(self.names):
+            raise ValueError(f"expected logits and targets of shape [N, {len(self.names)}], got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
         pred = (logits > 0).cpu()
         target = target.bool().cpu()
         self.tp += (pred & target).sum(0)
@@ -132,7 +152,11 @@ class BinaryAttributes:
         return {"accuracy": (self.tp + self.tn).double() / total, "f1": f1}
 
     def compute(self) -> dict[str, float]:
-        return {k: v.mean().item() for k, v in self.per_attribute().items()}
+        per = self.per_attribute()
+        result = {k: v.mean().item() for k, v in per.items()}
+        for i, name in enumerate(self.names):
+            result.update({f"{name}_{k}": v[i].item() for k, v in per.items()})
+        return result
 
 
 THRESHOLDS = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
@@ -237,9 +261,26 @@ def metric_names(benchmark: str) -> list[str]:
     return list(BenchmarkMetrics(benchmark, baseline={}).compute())
 
 
-def delta_m_keys(benchmark: str) -> tuple[str, ...]:
-    """The metrics Δm averages over when the baseline has them: one per task for PASCAL-Context, else all."""
-    return PASCAL_DELTA_KEYS if benchmark == "pascal" else tuple(metric_names(benchmark))
+def summary(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without CelebA's 80 per-attribute keys: what fits a console line or one plot per metric."""
+    return {k: v for k, v in metrics.items() if k not in _ATTRIBUTE_KEY_SET}
+
+
+_ATTRIBUTE_KEY_SET = frozenset(ATTRIBUTE_KEYS)
+
+
+def delta_m_keys(benchmark: str, baseline: dict | None = None) -> tuple[str, ...]:
+    """The metrics Δm averages over when the baseline has them: one per task for PASCAL-Context; for CelebA the
+    per-attribute metrics when the baseline has any (its 40 tasks, as FAMO's per-attribute F1 baselines), else
+    the two means, never both (the means would count the attributes twice); else all."""
+    if benchmark == "pascal":
+        return PASCAL_DELTA_KEYS
+    if benchmark == "celeba":
+        return ATTRIBUTE_KEYS if baseline and any(k in _ATTRIBUTE_KEY_SET for k in baseline) else ("accuracy", "f1")
+    return tuple(metric_names(benchmark))
+
+
+_DELTA_M_RULE = {"pascal": "one metric per task", "celeba": "either the per-attribute metrics or the two means"}
 
 
 def check_baseline(benchmark: str, baseline) -> list[str]:
@@ -253,17 +294,21 @@ def check_baseline(benchmark: str, baseline) -> list[str]:
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0]
     if bad:
         raise ValueError(f"values must be finite non-zero numbers (Δm divides by them): {bad}")
-    names, used = metric_names(benchmark), delta_m_keys(benchmark)
+    names, used = metric_names(benchmark), delta_m_keys(benchmark, baseline)
+    per_attribute = " or per attribute {name}_accuracy, {name}_f1 (Smiling_f1 ...)" if benchmark == "celeba" else ""
     if not any(k in baseline for k in used):
         raise ValueError(f"no key is a metric Δm of {benchmark} uses: {sorted(baseline)}; expected some of "
-                         f"{list(used)}")
+                         f"{list(used)}{per_attribute}")
     warnings = []
     unknown = [k for k in baseline if k not in names]
     if unknown:
-        warnings.append(f"not metrics of {benchmark}, ignored: {unknown} (its metrics: {names})")
+        warnings.append(f"not metrics of {benchmark}, ignored: {unknown} (its metrics: "
+                        f"{list(summary(dict.fromkeys(names)))}{per_attribute})")
     outside = [k for k in baseline if k in names and k not in used]
     if outside:
-        warnings.append(f"not used by Δm, which averages one metric per task ({list(used)}): {outside}")
+        rule = _DELTA_M_RULE.get(benchmark, "")
+        warnings.append(f"not used by Δm, which averages {rule} ({list(used) if len(used) < 10 else 'per attribute'}):"
+                        f" {outside}")
     missing = [k for k in used if k not in baseline]
     if missing:
         warnings.append(f"Δm averages over the metrics the baseline has, without {missing}")
@@ -272,8 +317,9 @@ def check_baseline(benchmark: str, baseline) -> list[str]:
 
 class BenchmarkMetrics:
     """Every metric of one benchmark over a split: ``update(outputs, batch)`` per batch, then ``compute()``, which
-    adds ``delta_m`` when a single-task baseline is known (built in for NYUv2 and Cityscapes, or given); for
-    PASCAL-Context Δm averages only the baseline's keys in PASCAL_DELTA_KEYS (one metric per task)."""
+    adds ``delta_m`` when a single-task baseline is known (built in for NYUv2 and Cityscapes, or given), over the
+    baseline's keys that ``delta_m_keys`` admits (PASCAL-Context: one metric per task; CelebA: per attribute, or
+    the two means)."""
 
     def __init__(self, benchmark: str, num_classes: dict[str, int] | None = None,
                  baseline: dict[str, float] | None = None):
@@ -281,7 +327,7 @@ class BenchmarkMetrics:
         self.baseline = baseline if baseline is not None else BASELINES.get(benchmark)
         num_classes = num_classes or {}
         if benchmark == "celeba":
-            self.parts = {"attributes": BinaryAttributes(40)}
+            self.parts = {"attributes": BinaryAttributes(len(ATTRIBUTES), ATTRIBUTES)}
         elif benchmark == "pascal":
             self.parts = {"segmentation": Segmentation(num_classes.get("segmentation", 21)),
                           "human_parts": Segmentation(num_classes.get("human_parts", 7)),
@@ -316,8 +362,6 @@ class BenchmarkMetrics:
                     values = {k: values[k] for k in ("mean_angle", "median_angle")}
                 result.update({f"{prefixes[task]}_{k}": v for k, v in values.items()})
         if self.baseline:
-            baseline = self.baseline
-            if self.benchmark == "pascal":
-                baseline = {k: v for k, v in baseline.items() if k in PASCAL_DELTA_KEYS}
-            result["delta_m"] = delta_m(result, baseline)
+            used = set(delta_m_keys(self.benchmark, self.baseline))
+            result["delta_m"] = delta_m(result, {k: v for k, v in self.baseline.items() if k in used})
         return result
