@@ -57,3 +57,21 @@ def test_synthetic_split_sizes_are_the_asked_counts(tmp_path, train, val):
     total = train + 2 * val
     celeba_data.synthesize(tmp_path, total, splits=(train / total, val / total, val / total))
     assert [len(data.CelebA(tmp_path, s, 16)) for s in ("train", "val", "test")] == [train, val, val]
+
+
+def test_attributes_follow_the_names_of_line_2_not_the_column_order(tmp_path):
+    celeba_data.synthesize(tmp_path, 6)
+    expected = [item["attributes"] for item in data.CelebA(tmp_path, "train", 16)]
+    path = tmp_path / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    order = list(range(40))[::-1]                       # the same table with its columns reversed
+    rows = [line.split() for line in lines[2:]]
+    lines[1] = " ".join(celeba_data.ATTRIBUTES[k] for k in order)
+    lines[2:] = [" ".join([row[0]] + [row[1 + k] for k in order]) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    for item, attributes in zip(data.CelebA(tmp_path, "train", 16), expected):
+        assert torch.equal(item["attributes"], attributes)
+    lines[1] = lines[1].replace("Smiling", "Smiles")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 2 names \['Smiles'\].*missing \['Smiling'\]"):
+        data.CelebA(tmp_path)

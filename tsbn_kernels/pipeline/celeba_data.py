@@ -34,7 +34,7 @@ def _read_lines(path: pathlib.Path) -> list[str]:
 
 
 class CelebA(torch.utils.data.Dataset):
-    """Items: {"image": [3, size, size] float in [0, 1], "attributes": [40] float 0/1}."""
+    """Items: {"image": [3, size, size] float in [0, 1], "attributes": [40] float 0/1 in ``ATTRIBUTES`` order}."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 64):
         if split not in SPLITS:
@@ -44,13 +44,21 @@ class CelebA(torch.utils.data.Dataset):
         if len(attr_lines) < 2 or len(attr_lines[1].split()) != 40:
             raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 must name the 40 "
                                "attributes")
+        header = attr_lines[1].split()
+        if sorted(header) != sorted(ATTRIBUTES):
+            raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 names "
+                               f"{sorted(set(header) - set(ATTRIBUTES))}, not CelebA attributes; missing "
+                               f"{sorted(set(ATTRIBUTES) - set(header))}")
+        # Items hold the attributes in ATTRIBUTES order whatever the file's column order: head k and the metrics
+        # named ATTRIBUTES[k] must mean the same attribute.
+        columns = [1 + header.index(name) for name in ATTRIBUTES]
         attributes = {}
         for number, line in enumerate(attr_lines[2:], start=3):
             fields = line.split()
             if len(fields) != 41 or any(f not in ("1", "-1") for f in fields[1:]):
                 raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'} line {number}: "
                                    f"expected a file name and 40 values of ±1")
-            attributes[fields[0]] = [int(f) > 0 for f in fields[1:]]
+            attributes[fields[0]] = [int(fields[c]) > 0 for c in columns]
         partition = {}
         for number, line in enumerate(_read_lines(self.root / "list_eval_partition.txt"), start=1):
             fields = line.split()
