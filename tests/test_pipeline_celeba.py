@@ -75,3 +75,9 @@ def test_attributes_follow_the_names_of_line_2_not_the_column_order(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"line 2 names \['Smiles'\].*missing \['Smiling'\]"):
         data.CelebA(tmp_path)
+
+
+def test_a_non_square_size_is_height_by_width(tmp_path):
+    celeba_data.synthesize(tmp_path, 5)
+    assert data.CelebA(tmp_path, "train", (16, 24))[0]["image"].shape == (3, 16, 24)
+    assert data.CelebA(tmp_path, "train", 20)[0]["image"].shape == (3, 20, 20)

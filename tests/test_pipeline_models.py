@@ -100,6 +100,32 @@ def test_pascal_resnet_option_and_vit_loads_a_timm_checkpoint(tmp_path):
         models.build_model("nyuv2", arch="vit_s")
 
 
+def test_pascal_vit_at_a_non_square_size_end_to_end(tmp_path):
+    from tsbn_kernels.pipeline import losses, metrics, pascal_data
+
+    size = (32, 64)                                       # a 2×4 patch grid
+    model = models.build_model("pascal", width=4, head_width=8, image_size=size)
+    encoder = model.encoder
+    assert encoder.grid == (2, 4) and encoder.pos_embed.shape == (1, 1 + 8, 24)
+    assert encoder._position_embedding((2, 4)) is encoder.pos_embed       # used as stored, not resized
+    # A square timm checkpoint (14×14 grid) is resized to the 2×4 grid.
+    state = {k: torch.randn_like(v) for k, v in vit.vit_small(image_size=224, width=4).state_dict().items()}
+    torch.save(state, tmp_path / "vit_s.pth")
+    pretrained = models.build_model("pascal", width=4, head_width=8, image_size=size,
+                                    pretrained=str(tmp_path / "vit_s.pth"))
+    assert pretrained.encoder.pos_embed.shape == (1, 9, 24)
+    root = pascal_data.synthesize(tmp_path / "data", 4, size=(48, 80))
+    data = pascal_data.PascalContext(root, "train", size, augment=True)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
+    assert batch["image"].shape == (2, 3, *size) and batch["segmentation"].shape == (2, *size)
+    out = model(batch["image"])
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == dict.fromkeys(pascal_data.TASKS, size)
+    assert torch.isfinite(losses.dense_losses(out, batch)).all()
+    scores = metrics.BenchmarkMetrics("pascal")
+    scores.update({k: v.detach() for k, v in out.items()}, batch)
+    assert set(scores.compute()) == set(metrics.metric_names("pascal"))
+
+
 def test_celeba_model_has_40_heads():
     model = models.build_model("celeba", width=8)
     out = model(torch.randn(2, 3, 16, 16))

@@ -301,6 +301,42 @@ def test_augmentation_is_reproducible_scales_pads_and_flips(root):
     assert not all(torch.equal(a[k], by_seed[3][k]) for k in a)
 
 
+def test_a_non_square_size_gives_height_by_width_items_cropped_and_padded_per_axis(root):
+    height, width = 32, 56                                 # not the stored 48×64 aspect, not square
+    plain = pascal_data.PascalContext(root, "val", size=(height, width))
+    stored = plain.load(0)
+    item = plain[0]
+    shapes = {k: tuple(v.shape) for k, v in item.items()}
+    assert shapes == {"image": (3, height, width), "segmentation": (height, width), "human_parts": (height, width),
+                      "saliency": (1, height, width), "normal": (3, height, width), "edge": (1, height, width)}
+    for key in ("image", "segmentation", "normal"):             # the stored map stretched to H×W, nothing cut
+        assert torch.equal(item[key], pascal_data._resize(key, stored[key], (height, width)))
+    crops = pads = 0
+    for seed in range(12):
+        augmented = pascal_data.PascalContext(root, "val", size=(height, width), augment=True, seed=seed)[0]
+        assert {k: tuple(v.shape) for k, v in augmented.items()} == shapes
+        # The documented draws replayed: scale s, then the offsets of the window (s > 1) or of the placement.
+        g = sample_generator(seed, 0, 0)
+        scale = 0.75 + 0.5 * float(torch.rand(1, generator=g))
+        scaled = (round(height * scale), round(width * scale))
+        top = left = 0
+        if scaled != (height, width):                                  # no offsets drawn at the output size
+            top = int(torch.randint(abs(scaled[0] - height) + 1, (1,), generator=g))
+            left = int(torch.randint(abs(scaled[1] - width) + 1, (1,), generator=g))
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        seg = pascal_data._resize("segmentation", stored["segmentation"], scaled)
+        if scaled[0] >= height and scaled[1] >= width:
+            expected = seg[top:top + height, left:left + width]
+            crops += 1
+        else:
+            assert scaled[0] <= height and scaled[1] <= width
+            expected = torch.full((height, width), -1)
+            expected[top:top + scaled[0], left:left + scaled[1]] = seg
+            pads += 1
+        assert torch.equal(augmented["segmentation"], expected.flip(-1) if flip else expected)
+    assert crops and pads
+
+
 def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageSets/Context/train.txt"):
         pascal_data.PascalContext(tmp_path, "train")

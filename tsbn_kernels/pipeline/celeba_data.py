@@ -34,12 +34,14 @@ def _read_lines(path: pathlib.Path) -> list[str]:
 
 
 class CelebA(torch.utils.data.Dataset):
-    """Items: {"image": [3, size, size] float in [0, 1], "attributes": [40] float 0/1 in ``ATTRIBUTES`` order}."""
+    """Items: {"image": [3, H, W] float in [0, 1], "attributes": [40] float 0/1 in ``ATTRIBUTES`` order}; ``size``
+    is H×W, or an int for a square (the field's 64×64)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 64):
+    def __init__(self, root: str | os.PathLike, split: str = "train", size: int | tuple[int, int] = 64):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-        self.root, self.size = pathlib.Path(root), size
+        height, width = (size, size) if np.ndim(size) == 0 else size
+        self.root, self.size = pathlib.Path(root), (int(height), int(width))
         attr_lines = _read_lines(self.root / "list_attr_celeba.txt")
         if len(attr_lines) < 2 or len(attr_lines[1].split()) != 40:
             raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 must name the 40 "
@@ -81,7 +83,7 @@ class CelebA(torch.utils.data.Dataset):
             raise FileNotFoundError(f"missing CelebA image {path}")
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                img = img.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)   # PIL: (W, H)
                 pixels = np.asarray(img, dtype=np.float32) / 255.0
         except OSError as exc:
             raise DatasetError(f"corrupt CelebA image {path}: {exc}") from exc

@@ -14,22 +14,23 @@ on-disk format with the field's augmentation, and a generator of synthetic scene
     {root}/normals_distill/{id}.png               RGB 8-bit, normal = 2·v/255 − 1
     {root}/sal_distill/{id}.png                   grey 8-bit, salient = v/255 > 0.5
 
-Conventions of the items (what a training loop and the metrics must know):
+Conventions of the items (what a training loop and the metrics must know), at the output size H×W (``size``):
 
-* ``segmentation`` [S, S] long: 0..20, −1 = ignore (the VOC 255 outlines, and padding).
-* ``human_parts`` [S, S] long: 0 background, 1..6 parts, −1 = ignore. An image without a person that has annotated
+* ``segmentation`` [H, W] long: 0..20, −1 = ignore (the VOC 255 outlines, and padding).
+* ``human_parts`` [H, W] long: 0 background, 1..6 parts, −1 = ignore. An image without a person that has annotated
   parts is −1 everywhere, so the parts head is trained and scored on person images only (as ASTMT, which only
   counts images with human parts); padding is −1 too.
-* ``edge`` [1, S, S] float 0/1: 1 on the pixels of the resized (and augmented) LabelMap that have a 4-neighbour of
+* ``edge`` [1, H, W] float 0/1: 1 on the pixels of the resized (and augmented) LabelMap that have a 4-neighbour of
   another label — the boundaries of the annotation, one or two pixels wide at the output resolution (ASTMT
   thins a Laplacian of the LabelMap instead). Padding makes no edge.
-* ``normal`` [3, S, S] float: unit vectors, 0 = invalid (the NYUv2 convention). ASTMT keeps only pixels whose
+* ``normal`` [3, H, W] float: unit vectors, 0 = invalid (the NYUv2 convention). ASTMT keeps only pixels whose
   LabelMap class is one of its NYU-like indoor classes; that list is not shipped here, so the caller passes
   ``normals_valid_classes`` (LabelMap ids; None = every pixel valid).
-* ``saliency`` [1, S, S] float 0/1, ``image`` [3, S, S] float in [0, 1].
+* ``saliency`` [1, H, W] float 0/1, ``image`` [3, H, W] float in [0, 1].
 
-Every map is resized to S×S: bilinear for the image and the normals (valid normals renormalised to unit length,
-invalid ones kept 0), nearest for the label maps, the LabelMap and saliency.
+Every map is resized to H×W, stretched (the stored aspect ratio is not kept): bilinear for the image and the
+normals (valid normals renormalised to unit length, invalid ones kept 0), nearest for the label maps, the LabelMap
+and saliency.
 """
 from __future__ import annotations
 
@@ -130,19 +131,19 @@ def label_boundaries(labels: Tensor) -> Tensor:
 
 
 class PascalContext(torch.utils.data.Dataset):
-    """One split of PASCAL-Context. Items: image [3, S, S] float in [0, 1], segmentation [S, S] long −1..20,
-    human_parts [S, S] long −1..6, saliency [1, S, S] 0/1, normal [3, S, S] (0 = invalid), edge [1, S, S] 0/1
-    (see the module docstring for the conventions).
+    """One split of PASCAL-Context. Items at ``size`` = H×W (an int: square): image [3, H, W] float in [0, 1],
+    segmentation [H, W] long −1..20, human_parts [H, W] long −1..6, saliency [1, H, W] 0/1, normal [3, H, W]
+    (0 = invalid), edge [1, H, W] 0/1 (see the module docstring for the conventions).
 
     ``augment=True``: the field's augmentation for this dataset — a random scale in [0.75, 1.25] with a random
-    S×S crop or pad (padding: image 0, segmentation/human_parts −1, normal 0, saliency 0, no edge) and a random
+    H×W crop or pad (padding: image 0, segmentation/human_parts −1, normal 0, saliency 0, no edge) and a random
     horizontal flip (the normal's x negated). The draws of sample i come from ``sample_generator(seed, epoch, i)``,
     so they do not depend on the loading order or on the number of DataLoader workers or DDP ranks (call
     ``set_epoch`` once per epoch)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 512, augment: bool = False,
-                 seed: int = 0, normals_valid_classes: set[int] | None = None):
-        self.root, self.size, self.augment = pathlib.Path(root), int(size), augment
+    def __init__(self, root: str | os.PathLike, split: str = "train", size: int | tuple[int, int] = 512,
+                 augment: bool = False, seed: int = 0, normals_valid_classes: set[int] | None = None):
+        self.root, self.size, self.augment = pathlib.Path(root), _pair(size), augment
         self.seed, self.epoch = seed, 0
         self.normals_valid_classes = None if normals_valid_classes is None else set(normals_valid_classes)
         listing = self.root / "ImageSets" / "Context" / f"{split}.txt"
@@ -241,23 +242,41 @@ def _resize(key: str, value: Tensor, size: tuple[int, int]) -> Tensor:
 PAD = {"image": 0.0, "segmentation": -1, "human_parts": -1, "label_map": -1, "normal": 0.0, "saliency": 0.0}
 
 
-def random_scale_crop(sample: dict[str, Tensor], size: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-    """Resize every map to S×S; with a generator, to S·s×S·s for a random s in [0.75, 1.25], then a random S×S
-    window (s > 1) or the map at a random place on an S×S canvas of ``PAD`` (s < 1)."""
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if np.ndim(size) == 0 else size
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"PASCAL-Context: size must be positive, got {size}")
+    return int(height), int(width)
+
+
+def random_scale_crop(sample: dict[str, Tensor], size: int | tuple[int, int],
+                      generator: torch.Generator | None) -> dict[str, Tensor]:
+    """Resize every map to H×W (``size``; an int: square); with a generator, to H·s×W·s for a random s in
+    [0.75, 1.25], then a random H×W window (s > 1) or the map at a random place on an H×W canvas of ``PAD``
+    (s < 1)."""
+    height, width = _pair(size)
     scale = 1.0 if generator is None else 0.75 + 0.5 * float(torch.rand(1, generator=generator))
-    scaled = max(1, round(size * scale))
-    out = {key: _resize(key, value, (scaled, scaled)) for key, value in sample.items()}
-    if scaled != size:
-        top = int(torch.randint(abs(scaled - size) + 1, (1,), generator=generator))
-        left = int(torch.randint(abs(scaled - size) + 1, (1,), generator=generator))
+    scaled = (max(1, round(height * scale)), max(1, round(width * scale)))
+    out = {key: _resize(key, value, scaled) for key, value in sample.items()}
+    if scaled != (height, width):
+        top = int(torch.randint(abs(scaled[0] - height) + 1, (1,), generator=generator))
+        left = int(torch.randint(abs(scaled[1] - width) + 1, (1,), generator=generator))
+        # Per axis a window of the scaled map (larger) or a place on the canvas (smaller): rounding can leave
+        # one axis at the output size while the other differs.
+        (src_h, dst_h), (src_w, dst_w) = (_window(scaled[0], height, top), _window(scaled[1], width, left))
         for key, value in out.items():
-            if scaled > size:
-                out[key] = value[..., top:top + size, left:left + size]
-            else:
-                canvas = torch.full((*value.shape[:-2], size, size), PAD[key], dtype=value.dtype)
-                canvas[..., top:top + scaled, left:left + scaled] = value
-                out[key] = canvas
+            canvas = torch.full((*value.shape[:-2], height, width), PAD[key], dtype=value.dtype)
+            canvas[..., dst_h, dst_w] = value[..., src_h, src_w]
+            out[key] = canvas
     return {key: value.contiguous() for key, value in out.items()}
+
+
+def _window(scaled: int, size: int, offset: int) -> tuple[slice, slice]:
+    """(source, destination) slices of one axis: crop ``size`` from ``offset`` of a larger map, or put a smaller
+    one at ``offset`` of the canvas."""
+    if scaled >= size:
+        return slice(offset, offset + size), slice(0, size)
+    return slice(0, scaled), slice(offset, offset + scaled)
 
 
 def horizontal_flip(sample: dict[str, Tensor]) -> dict[str, Tensor]:
