@@ -607,3 +607,68 @@ def test_gradient_matrices_hold_the_widest_parameter_dtype():
     want = mtl.autograd_gradients(losses(), capture.params)
     assert G.dtype == want.dtype == torch.float64
     torch.testing.assert_close(G, want)
+
+
+def _scaled_step(method, one_backward, scaler, lr=0.1):
+    """One SGD step through backward_aggregated with ``scaler``; returns the parameters after it and the info."""
+    net, x, targets, shared = setup(seed=5)
+    heads = list(net.heads.parameters())
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
+    if one_backward:
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+            losses = net.losses(x, targets)
+        info = mtl.backward_aggregated(losses, method=method, capture=capture, task_params=heads,
+                                       grad_scaler=scaler, **kwargs)
+    else:
+        info = mtl.backward_aggregated(net.losses(x, targets), shared, method, task_params=heads,
+                                       grad_scaler=scaler, **kwargs)
+    scaler.step(optimizer)
+    scaler.update()
+    return [p.detach().clone() for p in net.parameters()], info
+
+
+# nash_mtl's direction does not scale with G (α ∝ 1/G): weighting the scaled G would shrink the step by the scale.
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "mgda", "cagrad"])
+@pytest.mark.parametrize("one_backward", [True, False])
+def test_backward_aggregated_with_a_grad_scaler_takes_the_unscaled_step(method, one_backward):
+    plain, plain_info = _scaled_step(method, one_backward, torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaled, info = _scaled_step(method, one_backward, scaler)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(info["gramian"], plain_info["gramian"], rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(info["losses"], plain_info["losses"])
+    assert scaler.get_scale() == 2.0 ** 12          # no overflow: the scale is kept (grows after 2000 good steps)
+
+
+@pytest.mark.parametrize("method", mtl.METHODS)
+@pytest.mark.parametrize("one_backward", [True, False])
+def test_backward_aggregated_with_a_grad_scaler_skips_an_overflowed_step(method, one_backward):
+    # A scale at which the float32 gradients overflow: no exception from any weighting, a non-finite .grad, and
+    # the scaler skips the step (parameters unchanged) and halves the scale.
+    net, x, targets, shared = setup(seed=5)
+    targets = 100 * targets
+    heads = list(net.heads.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
+    if one_backward:
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+            losses = net.losses(x, targets)
+        info = mtl.backward_aggregated(losses, method=method, capture=capture, task_params=heads,
+                                       grad_scaler=scaler, **kwargs)
+    else:
+        info = mtl.backward_aggregated(net.losses(x, targets), shared, method, task_params=heads,
+                                       grad_scaler=scaler, **kwargs)
+    assert not all(bool(torch.isfinite(p.grad).all()) for p in shared)
+    assert bool(torch.isfinite(info["losses"]).all())
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert scaler.get_scale() == 2.0 ** 126
+    if one_backward:   # an overflowed step cannot check the split by task: the next one does
+        from tsbn_kernels.mtl.per_task_grads import _split_checked
+
+        assert net not in _split_checked

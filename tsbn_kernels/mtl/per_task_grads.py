@@ -379,6 +379,8 @@ class OneBackward:
         columns = [G[:, start:start + size] for start, size in (layout[id(p)] for p in self.params)]
         terms = [float(c.abs().to(G.dtype) @ g.norm(dim=1)) for g in columns]
         largest = max(terms, default=0.0)
+        if not all(map(math.isfinite, terms)) or any(w is not None and not bool(torch.isfinite(w).all()) for w in want):
+            return   # an overflowed step (float16 under a loss scale) says nothing; the next one is checked
         for p, g, w, size in zip(self.params, columns, want, terms):
             got = c.to(G.dtype) @ g
             w = torch.zeros_like(got) if w is None else w.reshape(-1).to(got.dtype)

@@ -13,7 +13,7 @@ from .per_task_grads import OneBackward, _stack_losses, autograd_gradients, uniq
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
                         method: str = "mean", *, task_params: Sequence[Tensor] = (), capture: OneBackward | None = None,
                         loss_weights: Tensor | None = None, check_finite: bool = True, backend: str = "auto",
-                        distributed: bool = False, process_group=None, **method_kwargs) -> dict:
+                        distributed: bool = False, process_group=None, grad_scaler=None, **method_kwargs) -> dict:
     """Like ``sum(losses).backward()``, but the shared parameters receive the aggregation of the per-task
     gradients (``method`` of tsbn_kernels.mtl) instead of their sum.
 
@@ -28,6 +28,15 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     task-parameter gradients are averaged across the processes of ``process_group`` before the Gramian, as
     DDP averages gradients, so every process solves the same problem and takes the same step; the returned
     losses are the processes' mean, and a non-finite loss on any process raises on all of them.
+
+    ``grad_scaler`` (a torch.amp.GradScaler, for float16 autocast): pass the unscaled losses; they are multiplied
+    by the scaler's scale before the backward, so that small float16 gradients do not flush to zero, and G is
+    divided by it again before the Gramian: the weighting sees the true per-task gradients (several methods are
+    not homogeneous in G, so weighting the scaled G and unscaling the result would not be the same step). .grad
+    receives the aggregate times the scale, as ``grad_scaler.scale(loss).backward()`` leaves it, so
+    ``grad_scaler.step(optimizer); grad_scaler.update()`` follow as usual. A float16 overflow in the backward is
+    not an error then: it makes G and so .grad non-finite (whatever the weights, Inf·w is Inf or NaN), which the
+    scaler's step detects and skips, lowering the scale; check_finite still checks the losses.
     """
     from . import raise_if_nonfinite, weights
 
@@ -42,6 +51,12 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
                              f"{losses.detach().tolist()}")
     if loss_weights is not None:
         losses = losses * loss_weights
+    # The scale as a device tensor through the scaler's public API (no host read); a power of two, so scaling
+    # and unscaling are exact.
+    scale = None
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        scale = grad_scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
+        losses = losses.to(torch.promote_types(losses.dtype, torch.float32)) * scale
     # Each parameter once (a tied or repeated one would get its gradient twice and count twice in the Gramian),
     # and never both shared and task-specific (it would get the aggregate and the plain gradient on top).
     task_params = unique(task_params)
@@ -63,11 +78,15 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     if distributed:
         task_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(task_params, task_grads)]
         average_across_ranks_([G, *task_grads], process_group)
+    if scale is not None:
+        G.div_(scale.to(G.dtype))               # G is this call's own buffer
     M = gramian(G, backend=backend)
-    if check_finite:
+    if check_finite and scale is None:
         raise_if_nonfinite(M)
     w = weights(M, method, **method_kwargs)
     direction = combine(G, w.to(M.dtype), backend=backend)
+    if scale is not None:
+        direction = direction * scale.to(direction.dtype)
     offset = 0
     for p in shared:
         g = direction[offset:offset + p.numel()].view_as(p).to(p.dtype)

@@ -153,7 +153,14 @@ def dualproj(M: Tensor, iterations: int = 500) -> Tensor:
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     """LAPACK on the CPU (no device to synchronise with); the sync-free Jacobi tensor program elsewhere."""
-    return torch.linalg.eigh(M.to(torch.float64)) if M.device.type == "cpu" else symmetric_eigh(M)
+    if M.device.type != "cpu":
+        return symmetric_eigh(M)
+    M = M.to(torch.float64)
+    if not bool(torch.isfinite(M).all()):
+        # LAPACK raises on NaN/Inf; NaN out, as the device program gives, so that the step of an overflowed
+        # loss-scaled backward is non-finite and skipped by the GradScaler like any other method's.
+        return torch.full_like(M[0], float("nan")), torch.full_like(M, float("nan"))
+    return torch.linalg.eigh(M)
 
 
 def aligned_mtl(M: Tensor, rank_tol: float = 1e-7) -> Tensor:
