@@ -268,3 +268,57 @@ def test_celeba_metrics_csv_has_one_column_per_attribute_metric(tmp_path):
     assert float(rows[0]["delta_m"]) == pytest.approx(history[0]["val"]["delta_m"])
     assert json.loads((tmp_path / "metrics.json").read_text())[0]["val"]["Young_accuracy"] == pytest.approx(
         history[0]["val"]["Young_accuracy"])
+
+
+def test_a_metric_with_nothing_to_score_is_nan_not_a_perfect_or_zero_score():
+    # A split without valid pixels for a task (no depth reading, no labelled pixel, no valid normal: PASCAL
+    # normals_valid_classes on outdoor images) has no error to report; 0 would enter Δm as a −100 % "gain".
+    depth = metrics.Depth()
+    depth.update(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert all(math.isnan(v) for v in depth.compute().values())
+    normals = metrics.Normals()
+    normals.update(torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+    out = normals.compute()
+    assert set(out) == {"mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"}
+    assert all(math.isnan(v) for v in out.values())
+    seg = metrics.Segmentation(3)
+    seg.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), -1))
+    assert all(math.isnan(v) for v in seg.compute().values())
+    attrs = metrics.BinaryAttributes(2, names=("a", "b"))
+    assert all(math.isnan(v) for v in attrs.compute().values())
+    sal, edges = metrics.Saliency(), metrics.Edges()
+    assert all(math.isnan(v) for v in [*sal.compute().values(), *edges.compute().values()])
+    m = metrics.BenchmarkMetrics("nyuv2")
+    m.update({"segmentation": torch.randn(1, 13, 2, 2), "depth": torch.ones(1, 1, 2, 2),
+              "normal": torch.ones(1, 3, 2, 2)},
+             {"segmentation": torch.zeros(1, 2, 2, dtype=torch.long), "depth": torch.zeros(1, 1, 2, 2),
+              "normal": torch.zeros(1, 3, 2, 2)})
+    result = m.compute()
+    assert math.isnan(result["abs_err"]) and math.isnan(result["delta_m"]) and not math.isnan(result["miou"])
+
+
+def test_depth_and_normals_hand_computed_over_batches_with_invalid_pixels():
+    depth = metrics.Depth()
+    depth.update(torch.tensor([[[[2.0, 5.0], [1.0, 0.5]]]]), torch.tensor([[[[1.0, 0.0], [2.0, 0.5]]]]))
+    depth.update(torch.tensor([[[[3.0, 7.0]]]]), torch.tensor([[[[0.0, 4.0]]]]))
+    # valid: |2−1|, |1−2|, |0.5−0.5|, |7−4| -> abs (1 + 1 + 0 + 3) / 4, rel (1 + 0.5 + 0 + 0.75) / 4
+    assert depth.compute() == pytest.approx({"abs_err": 5 / 4, "rel_err": 2.25 / 4})
+    normals = metrics.Normals()
+    target = torch.tensor([[0.0, 0, 1], [0.0, 0, 1], [0.0, 0, 1], [0, 0, 0], [0.0, 0, 1]])
+    angles = [5.0, 11.25, 29.0, 80.0, 60.0]         # 80° at the invalid pixel: not counted
+    pred = torch.tensor([[math.sin(math.radians(a)), 0.0, math.cos(math.radians(a))] for a in angles])
+    normals.update(pred.T.reshape(1, 3, 5, 1), target.T.reshape(1, 3, 5, 1))
+    out = normals.compute()
+    assert out["mean_angle"] == pytest.approx((5 + 11.25 + 29 + 60) / 4, abs=1e-6)
+    assert out["median_angle"] == pytest.approx((11.25 + 29) / 2, abs=1e-3)
+    # within t counts angles < t (11.25 itself is not within 11.25°, up to the acos rounding of 1e-13°)
+    assert out["within_22.5"] == pytest.approx(2 / 4) and out["within_30"] == pytest.approx(3 / 4)
+    assert out["within_11.25"] in (pytest.approx(1 / 4), pytest.approx(2 / 4))
+
+
+def test_segmentation_refuses_predictions_outside_the_classes():
+    seg = metrics.Segmentation(3)
+    with pytest.raises(ValueError, match=r"predictions must lie in \[0, 3\)"):
+        seg.update(torch.tensor([[0, 3]]), torch.tensor([[0, 1]]))   # 1·3 + 3 would count as (2, 0)
+    seg.update(torch.tensor([[0, 7]]), torch.tensor([[0, -1]]))      # an ignored pixel's prediction is unused
+    assert seg.compute() == {"miou": 1.0, "pix_acc": 1.0}

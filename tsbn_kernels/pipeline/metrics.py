@@ -2,7 +2,9 @@
 
 Segmentation accumulates one confusion matrix (mIoU over the classes that occur in prediction or label, pixel
 accuracy); depth and normal errors count valid pixels only (depth 0 / normal 0 = invalid); the median normal
-angle comes from a 0.001°-bin histogram, so no per-pixel array is kept. CelebA reports the mean accuracy and F1
+angle comes from a 0.001°-bin histogram, so no per-pixel array is kept. A metric with nothing to score (no
+labelled pixel, no valid depth or normal, an empty split) is NaN, written as null in metrics.json, never 0: an
+error of 0 would count as a perfect score and enter Δm as a −100 % change. CelebA reports the mean accuracy and F1
 over the 40 attributes and each attribute's own as ``{name}_accuracy`` / ``{name}_f1`` (flat keys: the CSV holds
 one column per key; ``summary`` drops the per-attribute ones for a console line or a plot). Δm follows the
 CAGrad / Nash-MTL / FAMO convention (lower is better), against the published single-task baselines below.
@@ -48,6 +50,9 @@ class Segmentation:
         valid = label != self.ignore_index
         if bool(((label[valid] < 0) | (label[valid] >= self.num_classes)).any()):
             raise ValueError(f"segmentation labels must lie in [0, {self.num_classes}) or be {self.ignore_index}")
+        # An out-of-range prediction would land in another cell of the flattened confusion matrix.
+        if bool(((pred[valid] < 0) | (pred[valid] >= self.num_classes)).any()):
+            raise ValueError(f"segmentation predictions must lie in [0, {self.num_classes})")
         index = label[valid].long() * self.num_classes + pred[valid].long()
         self.confusion += torch.bincount(index.cpu(), minlength=self.num_classes ** 2).view(
             self.num_classes, self.num_classes)
@@ -57,8 +62,8 @@ class Segmentation:
         tp = c.diagonal()
         union = c.sum(0) + c.sum(1) - tp
         present = union > 0
-        miou = (tp[present] / union[present]).mean().item() if bool(present.any()) else float("nan")
-        return {"miou": miou, "pix_acc": (tp.sum() / c.sum().clamp_min(1)).item()}
+        miou = (tp[present] / union[present]).mean().item() if bool(present.any()) else math.nan
+        return {"miou": miou, "pix_acc": (tp.sum() / c.sum()).item() if c.sum() > 0 else math.nan}
 
 
 class Depth:
@@ -76,8 +81,9 @@ class Depth:
         self.count += int(valid.sum())
 
     def compute(self) -> dict[str, float]:
-        n = max(self.count, 1)
-        return {"abs_err": self.abs_sum / n, "rel_err": self.rel_sum / n}
+        if not self.count:
+            return {"abs_err": math.nan, "rel_err": math.nan}
+        return {"abs_err": self.abs_sum / self.count, "rel_err": self.rel_sum / self.count}
 
 
 class Normals:
@@ -102,16 +108,19 @@ class Normals:
         self.histogram += torch.bincount(bins, minlength=self.BINS)
 
     def compute(self) -> dict[str, float]:
-        n = max(self.count, 1)
+        thresholds = (11.25, 22.5, 30)
+        if not self.count:
+            return dict.fromkeys(["mean_angle", "median_angle", *(f"within_{t:g}" for t in thresholds)], math.nan)
+        n = self.count
         cumulative = self.histogram.cumsum(0)
         # The median as np.median takes it: the middle value, or the mean of the two middle values of an even
         # count (1-based ranks (n + 1) // 2 and n // 2 + 1, the same rank when n is odd).
         low = int(torch.searchsorted(cumulative, (self.count + 1) // 2))
-        high = int(torch.searchsorted(cumulative, self.count // 2 + 1)) if self.count else low
+        high = int(torch.searchsorted(cumulative, self.count // 2 + 1))
         width = 180 / self.BINS
         return {"mean_angle": self.angle_sum / n, "median_angle": ((low + high) / 2 + 0.5) * width,
                 **{f"within_{t:g}": cumulative[min(int(t / width), self.BINS) - 1].item() / n
-                   for t in (11.25, 22.5, 30)}}
+                   for t in thresholds}}
 
 
 class BinaryAttributes:
@@ -146,7 +155,10 @@ class BinaryAttributes:
         self.tn += (~pred & ~target).sum(0)
 
     def per_attribute(self) -> dict[str, Tensor]:
-        total = (self.tp + self.fp + self.fn + self.tn).clamp_min(1).double()
+        total = (self.tp + self.fp + self.fn + self.tn).double()
+        if not bool((total > 0).all()):                  # no sample seen: nothing is defined
+            nan = torch.full(total.shape, math.nan, dtype=torch.float64)
+            return {"accuracy": nan, "f1": nan.clone()}
         f1_denominator = (2 * self.tp + self.fp + self.fn).double()
         f1 = torch.where(f1_denominator > 0, 2 * self.tp.double() / f1_denominator.clamp_min(1), torch.ones(1).double())
         return {"accuracy": (self.tp + self.tn).double() / total, "f1": f1}
@@ -192,6 +204,8 @@ class Saliency:
         self.pixels += prob.numel()
 
     def compute(self) -> dict[str, float]:
+        if not self.pixels:
+            return {"max_f": math.nan, "miou": math.nan}
         fp, fn = self.pred - self.tp, self.truth - self.tp
         tn = self.pixels - self.tp - fp - fn
         precision = self.tp / self.pred.clamp_min(1)
@@ -216,7 +230,7 @@ class Edges:
         self.pred = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
         self.matched_pred = torch.zeros_like(self.pred)
         self.matched_truth = torch.zeros_like(self.pred)
-        self.truth = 0.0
+        self.truth = self.pixels = 0.0
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         height, width = target.shape[-2:]
@@ -230,8 +244,11 @@ class Edges:
         self.matched_pred += _count_above(prob[near_truth])
         self.matched_truth += _count_above(best_near[truth > 0])
         self.truth += float(truth.sum())
+        self.pixels += truth.numel()
 
     def compute(self) -> dict[str, float]:
+        if not self.pixels:
+            return {"ods_f": math.nan}
         precision = self.matched_pred / self.pred.clamp_min(1)
         recall = self.matched_truth / max(self.truth, 1.0)
         f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
