@@ -45,7 +45,7 @@ from . import distributed as dist_mod
 from .dense_data import DenseDataset, synthesize
 from .errors import DatasetError
 from .losses import celeba_losses, dense_losses
-from .metrics import BenchmarkMetrics, check_baseline
+from .metrics import BenchmarkMetrics, check_baseline, summary
 from .models import ARCHS, build_model
 
 REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64), "pascal": (512, 512)}
@@ -142,7 +142,7 @@ def save_plots(out: pathlib.Path, history: list[dict], model) -> None:
     ax.set_xlabel("epoch"), ax.set_ylabel("mean training loss"), ax.legend(fontsize=6)
     fig.savefig(plots / "loss.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    keys = list(dict.fromkeys(k for h in history for k in h["val"]))
+    keys = list(dict.fromkeys(k for h in history for k in summary(h["val"])))
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot(*series("val", key), marker="o")
@@ -337,6 +337,11 @@ def train(args, context: dist_mod.Context) -> int:
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
     model_dtype = getattr(torch, args.dtype)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    # float16's 5 exponent bits flush small gradients to zero: the losses are scaled, the step unscales and skips
+    # a step whose gradients overflowed (lowering the scale). bfloat16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    if args.resume and state.get("scaler"):   # empty when saved without float16 scaling
+        scaler.load_state_dict(state["scaler"])
     use_one_backward = args.norm != "bn" and args.aggregator != "sum"
     recorder = None
     if context.is_main and args.norm != "bn":   # the recorder follows the task-specific gates
@@ -351,6 +356,7 @@ def train(args, context: dist_mod.Context) -> int:
     try:
         while epoch < args.epochs and (args.steps is None or step < args.steps):
             totals, count, gramian = dict(progress["totals"]), progress["count"], None
+            overflows = progress.get("overflows", 0)
             start, taken = time.perf_counter() - progress["seconds"], 0
             loader = train_batches(epoch, progress["samples"])
             batches = iter(loader)
@@ -383,7 +389,7 @@ def train(args, context: dist_mod.Context) -> int:
                     raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: "
                                         f"{dict(zip(model.tasks, reported.tolist()))}")
                 if args.aggregator == "sum" and not use_one_backward:
-                    losses.sum().backward()
+                    scaler.scale(losses.sum()).backward()
                     if context.distributed:
                         params = [p for p in model.parameters() if p.requires_grad]
                         for p in params:
@@ -395,9 +401,15 @@ def train(args, context: dist_mod.Context) -> int:
                     info = mtl.backward_aggregated(
                         losses, None if use_one_backward else shared, args.aggregator,
                         capture=capture if use_one_backward else None, task_params=task_params,
-                        distributed=context.distributed, check_finite=False, **extra)
+                        distributed=context.distributed, check_finite=False, grad_scaler=scaler, **extra)
                     gramian = info["gramian"]
-                optimizer.step()
+                if scaler.is_enabled():
+                    before = scaler.get_scale()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    overflows += scaler.get_scale() < before    # the scale drops exactly when the step was skipped
+                else:
+                    optimizer.step()
                 step += 1
                 count += 1
                 taken += 1
@@ -413,6 +425,7 @@ def train(args, context: dist_mod.Context) -> int:
             # in the same order, and its RNG state before the evaluation, which the uninterrupted run skips there.
             samples = 0 if complete else progress["samples"] + taken * args.batch * context.world_size
             progress = {"samples": samples, "count": 0 if complete else count,
+                        "overflows": 0 if complete else overflows,
                         "totals": {t: 0.0 for t in model.tasks} if complete else totals,
                         "seconds": 0.0 if complete else time.perf_counter() - start}
             rng = None if complete else {**rng_state(), "aggregator": aggregator_rng.get_state()}
@@ -426,12 +439,16 @@ def train(args, context: dist_mod.Context) -> int:
                          "val": val, "seconds": time.perf_counter() - start}
                 if not complete:
                     entry["partial"] = True
+                if scaler.is_enabled():
+                    entry["skipped_steps"] = overflows
                 rng = rng or {**rng_state(), "aggregator": aggregator_rng.get_state()}
                 history.append(entry)
                 where = "" if complete else f" (stopped at step {step}, batch {count} of {count + len(loader) - taken})"
-                print(f"epoch {entry['epoch']}{where}: loss {sum(entry['train_loss'].values()):.4f} " +
-                      " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                skipped = f" ({overflows} float16-overflow steps skipped)" if overflows else ""
+                print(f"epoch {entry['epoch']}{where}: loss {sum(entry['train_loss'].values()):.4f}{skipped} " +
+                      " ".join(f"{k}={v:.4f}" for k, v in summary(val).items()), flush=True)
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch,
                              "step": step, "progress": progress, "history": history, "rng": rng, "config": config},
                             out / "checkpoint.pt")
                 write_metrics(out, history)
