@@ -236,8 +236,6 @@ def test_two_gloo_ranks_train_as_one_process_on_the_concatenated_batch(tmp_path,
             assert value == pytest.approx(b["train_loss"][task], rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="train.make_datasets passes args.size[0] to PascalContext and CelebA (a "
-                   "square H×H); both take (H, W) now: pass tuple(args.size) there, then drop this mark")
 @pytest.mark.parametrize("dataset", ["pascal", "celeba"])
 def test_a_non_square_size_reaches_the_loaders(dataset, tmp_path):
     args = train.parse([dataset, "--size", "32", "64", "--train-size", "4", "--val-size", "2"])

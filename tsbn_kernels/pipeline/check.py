@@ -34,12 +34,12 @@ def _megabytes(value: float | None) -> str:
     # PyTorch keeps allocator statistics (the peak) for CUDA only; a CPU run prints n/a.
     return "n/a" if value is None else f"{value:.1f}"
 
-def celeba_batches(steps: int, n: int, size: int, generator: torch.Generator):
+def celeba_batches(steps: int, n: int, size: tuple[int, int], generator: torch.Generator):
     """Face-free stand-in for CelebA at check scale: attribute k is 1 when a fixed random pattern k correlates
     positively with the image, so every attribute is a visible, learnable function of the pixels."""
-    patterns = torch.randn(40, 3, size, size, generator=generator)
+    patterns = torch.randn(40, 3, *size, generator=generator)
     for _ in range(steps):
-        images = torch.randn(n, 3, size, size, generator=generator)
+        images = torch.randn(n, 3, *size, generator=generator)
         attrs = (torch.einsum("nchw,kchw->nk", images, patterns) > 0).float()
         yield {"image": images, "attributes": attrs}
 
@@ -47,7 +47,7 @@ def celeba_batches(steps: int, n: int, size: int, generator: torch.Generator):
 def random_batch(benchmark: str, n: int, size, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One batch of random inputs and targets with the benchmark's shapes and value conventions (for timing)."""
     if benchmark == "celeba":
-        return next(celeba_batches(1, n, size[0], generator))
+        return next(celeba_batches(1, n, tuple(size), generator))
     h, w = size
     batch = {"image": torch.rand(n, 3, h, w, generator=generator)}
     for task, channels in DENSE_TASKS[benchmark].items():
@@ -65,11 +65,11 @@ def random_batch(benchmark: str, n: int, size, generator: torch.Generator) -> di
 def batches(benchmark: str, steps: int, n: int, size, workdir: str):
     generator = torch.Generator().manual_seed(0)
     if benchmark == "celeba":
-        yield from celeba_batches(steps, n, size[0], generator)
+        yield from celeba_batches(steps, n, tuple(size), generator)
         return
     if benchmark == "pascal":
         root = pascal_data.synthesize(workdir, n * steps, size=size, val_fraction=0.0)
-        data = pascal_data.PascalContext(root, "train", size[0], augment=True, seed=0)
+        data = pascal_data.PascalContext(root, "train", tuple(size), augment=True, seed=0)
     else:
         root = synthesize(benchmark, workdir, n * steps, size=size).parent
         data = DenseDataset(benchmark, root, augment=True, seed=0)

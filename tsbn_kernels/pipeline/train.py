@@ -86,10 +86,11 @@ def write_synthetic(args, root: pathlib.Path) -> None:
 
 def make_datasets(args, root: pathlib.Path):
     if args.benchmark == "celeba":
-        return celeba_data.CelebA(root, "train", args.size[0]), celeba_data.CelebA(root, "val", args.size[0])
+        size = tuple(args.size)
+        return celeba_data.CelebA(root, "train", size), celeba_data.CelebA(root, "val", size)
     if args.benchmark == "pascal":
-        return (pascal_data.PascalContext(root, "train", args.size[0], augment=True, seed=args.seed),
-                pascal_data.PascalContext(root, "val", args.size[0]))
+        return (pascal_data.PascalContext(root, "train", tuple(args.size), augment=True, seed=args.seed),
+                pascal_data.PascalContext(root, "val", tuple(args.size)))
     return (DenseDataset(args.benchmark, root, "train", augment=True, seed=args.seed),
             DenseDataset(args.benchmark, root, "val"))
 
