@@ -185,14 +185,18 @@ def parse(argv):
     parser.add_argument("--norm", default="tssigmabn", choices=("bn", "tsbn", "tssigmabn"))
     parser.add_argument("--aggregator", default="mean", choices=mtl.METHODS)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--amp", choices=("bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, help="stop after this many optimizer steps in total")
     parser.add_argument("--out", default="runs/latest")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--width", type=int, help="stem width (default 64 on a GPU, 8 on the CPU)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input size: of the synthetic data, and of the CelebA / PASCAL-Context images, which "
+                        "are resized / cropped to it; NYUv2 and Cityscapes files are used at their stored size "
+                        "(default: the benchmark's on a GPU, a quarter of it on the CPU)")
+    parser.add_argument("--amp", choices=("bf16", "fp16"),
+                        help="autocast dtype; fp16 adds a loss scale (torch.amp.GradScaler)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
