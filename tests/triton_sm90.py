@@ -152,6 +152,11 @@ def run_solvers():
             _case["name"] = f"min_quadratic-T{tasks}-{'simplex' if simplex else 'box'}-{str(dtype)[6:]}"
             ts.min_quadratic(torch.empty(tasks, tasks, dtype=dtype), torch.empty(rows, tasks, dtype=dtype), simplex,
                              500, 30)
+    for tasks in (3, 20, 32, 40, 64):
+        for dtype in (torch.float32, torch.float64):
+            if ts.cagrad_applies(torch.empty(tasks, tasks, dtype=dtype)):
+                _case["name"] = f"cagrad-T{tasks}-{str(dtype)[6:]}"
+                ts.cagrad(torch.empty(tasks, tasks, dtype=dtype), 0.5, True, 300)
 
 
 def main() -> int:
@@ -171,7 +176,8 @@ def main() -> int:
     else:
         for k in compiled:
             print(f"{k['case']:42s} {k['kernel']:24s} warps={k['num_warps']} grid={k['grid']} regs={k['registers']} "
-                  f"stack={k['stack']} local={k['local']} ldg128={k['loads_128']}/{k['loads']} mma={k['tensor_core_ops']}")
+                  f"stack={k['stack']} local={k['local']} ldg128={k['loads_128']}/{k['loads']} "
+                  f"mma={k['tensor_core_ops']}")
         print("\n".join(failures) or "all kernels compiled")
     return 1 if failures else 0
 
