@@ -190,6 +190,20 @@ def test_convert_layernorm_gate_none_reproduces_the_model_and_sigmoid_inits():
         tk.convert_layernorm(model, 2, gate_init="zeros")
 
 
+def test_convert_layernorm_keeps_requires_grad_of_weight_and_bias():
+    """A frozen LayerNorm (a frozen pretrained backbone) converts to a frozen TSLayerNorm: its β as well as its γ,
+    as convert_batchnorm keeps both (the bias used to come back trainable)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.LayerNorm(8))
+    model[1].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    converted = tk.convert_layernorm(model, 2, gate="none")
+    assert not converted[1].weight.requires_grad and not converted[1].bias.requires_grad
+    assert converted[2].weight.requires_grad and not converted[2].bias.requires_grad
+    trainable = [n for n, p in converted.named_parameters() if p.requires_grad]
+    assert trainable == ["0.weight", "0.bias", "2.weight"]
+
+
 def test_a_shared_norm_stays_one_shared_layer():
     """A norm used twice (or registered under two names) becomes one task-specific layer, not a converted copy
     and a leftover nn.BatchNorm2d (named_children() yields such a module once)."""

@@ -147,6 +147,7 @@ def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool 
             ts.weight.requires_grad_(ln.weight.requires_grad)
         if ts.bias is not None and ln.bias is not None:
             ts.bias.copy_(ln.bias.expand_as(ts.bias))
+            ts.bias.requires_grad_(ln.bias.requires_grad)
     ts.train(ln.training)
     return ts
 
