@@ -146,6 +146,20 @@ def test_sync_batchnorm_and_3d_and_frozen_requires_grad():
     assert y.shape == (4, 4, 2, 3, 3)
 
 
+def test_uninitialised_lazy_batchnorm_is_refused_and_converted_after_a_forward():
+    """An uninitialised LazyBatchNorm2d is no BatchNorm2d yet: skipped, it became a plain nn.BatchNorm2d at the first
+    forward, one set of statistics over all tasks, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(), nn.Sequential(nn.LazyBatchNorm1d()))
+    with pytest.raises(ValueError, match="LazyBatchNorm2d is not initialised"):
+        tk.convert_batchnorm(model, 2)
+    model[:2](torch.randn(4, 3, 5, 5))
+    model[2](torch.randn(4, 6))
+    converted = tk.convert_batchnorm(model, 2)
+    assert isinstance(converted[1], tk.TSBatchNorm2d) and converted[1].num_features == 4
+    assert isinstance(converted[2][0], tk.TSBatchNorm1d) and converted[2][0].num_features == 6
+
+
 def test_converted_model_keeps_device_dtype_and_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).to(torch.float64).eval()
     converted = tk.convert_batchnorm(model, 2)

@@ -18,6 +18,10 @@ GATE_INITS = ("normal", "copy")
 
 
 def _target_class(bn: nn.Module) -> type | None:
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(bn, nn.modules.lazy.LazyModuleMixin):
+        # Left alone, it would turn into a plain nn.BatchNorm at its first forward and mix the tasks' statistics.
+        raise ValueError(f"convert_batchnorm: {type(bn).__name__} is not initialised yet (its num_features is set "
+                         "by its first forward): run the model once on an example batch, then convert it")
     for source, target in _TARGETS.items():
         if isinstance(bn, source):
             return target
@@ -44,6 +48,7 @@ def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
         and dropped otherwise (σBN has no β by default).
     SyncBatchNorm becomes the any-rank ``TSBatchNorm`` with ``sync=True`` and its ``process_group``: in training
     under torch.distributed, task statistics are synchronised across processes (tsbn_kernels.sync_batch_norm).
+    A LazyBatchNorm that has not run yet raises a ValueError: convert after one forward pass.
     """
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_batchnorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
