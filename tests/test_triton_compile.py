@@ -37,7 +37,8 @@ def test_every_kernel_compiles_for_sm90(report):
     assert not report["failures"], "\n".join(report["failures"])
     names = {k["kernel"] for k in report["kernels"]}
     assert {*STREAMING, "_merge_moments_kernel", "_merge_sums_kernel", "_ln_forward_kernel", "_ln_backward_kernel",
-            "_merge_rows_kernel", "_gramian_partial_kernel", "_combine_kernel", "_min_quadratic_kernel"} <= names
+            "_merge_rows_kernel", "_gramian_partial_kernel", "_combine_kernel", "_min_quadratic_kernel",
+            "_cagrad_kernel"} <= names
 
 
 def test_no_spills(report):

@@ -176,12 +176,13 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     """LAPACK on the CPU (no device to synchronise with); the sync-free Jacobi tensor program elsewhere."""
     if M.device.type != "cpu":
         return symmetric_eigh(M)
+    # LAPACK raises on NaN/Inf: decompose the identity instead and give NaN, as the device program does, so that an
+    # overflowed loss-scaled step is non-finite and skipped by the GradScaler like any other method's (no host read).
     M = M.to(torch.float64)
-    if not bool(torch.isfinite(M).all()):
-        # LAPACK raises on NaN/Inf; NaN out, as the device program gives, so that the step of an overflowed
-        # loss-scaled backward is non-finite and skipped by the GradScaler like any other method's.
-        return torch.full_like(M[0], float("nan")), torch.full_like(M, float("nan"))
-    return torch.linalg.eigh(M)
+    finite = torch.isfinite(M).all()
+    eigenvalues, V = torch.linalg.eigh(torch.where(finite, M, torch.eye(M.shape[0], dtype=M.dtype)))
+    nan = torch.tensor(float("nan"), dtype=M.dtype)
+    return torch.where(finite, eigenvalues, nan), torch.where(finite, V, nan)
 
 
 def aligned_mtl(M: Tensor, rank_tol: float = 1e-7) -> Tensor:
