@@ -233,6 +233,24 @@ def test_a_shared_norm_stays_one_shared_layer():
 
 
 @pytest.mark.parametrize("gate", ["sigmoid", "none"])
+def test_tied_norm_parameters_stay_tied(gate):
+    """Two norms sharing one weight and bias Parameter (separate statistics, tied affine) share the converted [T, C]
+    Parameters, as nn.SyncBatchNorm.convert_sync_batchnorm keeps the tie; each used to get its own copy."""
+    torch.manual_seed(0)
+    a, b, la, lb = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.LayerNorm(4), nn.LayerNorm(4)
+    b.weight, b.bias, lb.weight, lb.bias = a.weight, a.bias, la.weight, la.bias
+    model = nn.Sequential(a, nn.Conv2d(4, 4, 1), b, la, lb)
+    tk.convert_batchnorm(model, 3, gate=gate, bias=True)
+    tk.convert_layernorm(model, 3, gate=gate, bias=True)
+    assert model[0].weight is model[2].weight and model[0].bias is model[2].bias
+    assert model[3].weight is model[4].weight and model[3].bias is model[4].bias
+    assert model[0].running_mean is not model[2].running_mean
+    assert len(list(model.parameters())) == 2 + 2 + 2
+    model(torch.randn(6, 4, 3, 4)).sum().backward()
+    assert model[0].weight.grad.shape == (3, 4)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "none"])
 def test_converted_transformer_encoder_in_inference(gate):
     """nn.TransformerEncoder(Layer)'s inference fast paths (a fused kernel reading the norms' weights as [D], nested
     tensors for padding masks) cannot hold task-specific norms: after conversion eval, no_grad and inference_mode

@@ -48,17 +48,35 @@ def convert_batchnorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
         and dropped otherwise (σBN has no β by default).
     SyncBatchNorm becomes the any-rank ``TSBatchNorm`` with ``sync=True`` and its ``process_group``: in training
     under torch.distributed, task statistics are synchronised across processes (tsbn_kernels.sync_batch_norm).
-    A LazyBatchNorm that has not run yet raises a ValueError: convert after one forward pass.
+    A norm module used in several places stays one layer, and norms that share (tie) a weight or bias Parameter
+    share the converted one. A LazyBatchNorm that has not run yet raises a ValueError: convert after one forward pass.
     """
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_batchnorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
 
+    tied: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+
     def convert(m: nn.Module) -> nn.Module | None:
         target = _target_class(m)
-        return None if target is None else _convert_one(m, target, num_tasks, gate, bias, gate_init, backend,
-                                                        activation)
+        return None if target is None else _keep_ties(
+            m, _convert_one(m, target, num_tasks, gate, bias, gate_init, backend, activation), tied)
 
     return _replace_modules(module, convert, {})
+
+
+def _keep_ties(source: nn.Module, converted: nn.Module, tied: dict[int, tuple[nn.Parameter, nn.Parameter]]
+               ) -> nn.Module:
+    """Norms that share a weight or bias Parameter (tied across branches) still share it after conversion: the later
+    ones take the task-specific Parameter made for the first, as convert_sync_batchnorm keeps the very Parameter."""
+    for name in ("weight", "bias"):
+        old, new = getattr(source, name, None), getattr(converted, name, None)
+        if old is None or new is None:
+            continue
+        if id(old) in tied:
+            setattr(converted, name, tied[id(old)][1])
+        else:
+            tied[id(old)] = (old, new)   # holding old keeps its id from being reused while the conversion runs
+    return converted
 
 
 def _replace_modules(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None],
@@ -121,9 +139,11 @@ def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_layernorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
 
+    tied: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+
     def convert(m: nn.Module) -> nn.Module | None:
-        return _convert_layer_norm(m, num_tasks, gate, bias, gate_init, backend) if isinstance(m, nn.LayerNorm) \
-            else None
+        return _keep_ties(m, _convert_layer_norm(m, num_tasks, gate, bias, gate_init, backend), tied) \
+            if isinstance(m, nn.LayerNorm) else None
 
     converted = _replace_modules(module, convert, {})
     for m in converted.modules():
