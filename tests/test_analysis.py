@@ -121,3 +121,17 @@ def test_cli_says_when_a_run_has_no_gates(tmp_path):
         analysis.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="checkpoint.pt: no task-specific norm gates"):
         analysis.main([str(tmp_path / "checkpoint.pt")])
+
+
+@pytest.mark.parametrize("bench,width", [("nyuv2", 4), ("celeba", 5), ("pascal", 4)])
+def test_state_dict_gates_are_the_norm_layers_of_a_pipeline_model(bench, width):
+    """NYUv2 (T=3) has a 3-channel normal classifier conv with a bias and CelebA at width 5 (T=40) has bias-free
+    40-channel convs: neither is a TS layer norm, whatever num_tasks says."""
+    from tsbn_kernels.pipeline.models import build_model
+
+    model = build_model(bench, width=width, head_width=8, image_size=(32, 32))
+    from_module = analysis.gates_from_module(model)
+    from_state = analysis.gates_from_state_dict(model.state_dict(), num_tasks=model.num_tasks)
+    assert [g.name for g in from_state] == [g.name for g in from_module]
+    for a, b in zip(from_module, from_state):
+        np.testing.assert_allclose(a.values, b.values)

@@ -47,8 +47,9 @@ def gates_from_module(model: nn.Module) -> list[LayerGates]:
 
 def gates_from_state_dict(state: dict, gate: str = "sigmoid", num_tasks: int | None = None) -> list[LayerGates]:
     """TS batch norms are recognised by `<p>.weight` [T, C] beside `<p>.num_batches_tracked` [T]; with
-    ``num_tasks`` given, any other 2-D `<p>.weight` with T rows whose layer has no conv/linear shape (TS layer
-    norms: no buffers) counts too."""
+    ``num_tasks`` given, TS layer norms too (no buffers): `<p>.weight` [T, D] with no bias, or
+    [T, *normalized_shape] with a bias of the same shape. A conv or linear layer with T outputs has a 1-D bias or
+    none; a bias-free 2-D Linear with T outputs cannot be told from a TS layer norm by its state alone."""
     layers = []
     for key, value in state.items():
         if not key.endswith(".weight") and key != "weight":
@@ -58,7 +59,7 @@ def gates_from_state_dict(state: dict, gate: str = "sigmoid", num_tasks: int | N
         is_ts_bn = (isinstance(tracked, torch.Tensor) and tracked.dim() == 1 and value.dim() == 2
                     and value.shape[0] == tracked.shape[0])
         is_ts_ln = (num_tasks is not None and tracked is None and value.dim() >= 2 and value.shape[0] == num_tasks
-                    and prefix + "running_mean" not in state and not _looks_like_linear(state, prefix, value))
+                    and prefix + "running_mean" not in state and _looks_like_ts_layer_norm(state, prefix, value))
         if is_ts_bn or is_ts_ln:
             values, kind = _to_gates(value.reshape(value.shape[0], -1), gate)
             layers.append(LayerGates(prefix.rstrip(".") or "<root>", values, kind))
@@ -68,6 +69,10 @@ def gates_from_state_dict(state: dict, gate: str = "sigmoid", num_tasks: int | N
     return layers
 
 
-def _looks_like_linear(state: dict, prefix: str, weight: torch.Tensor) -> bool:
+def _looks_like_ts_layer_norm(state: dict, prefix: str, weight: torch.Tensor) -> bool:
+    # A ResNet conv with T output channels (NYUv2's 3-channel normal classifier at T=3, CelebA's 40-channel convs
+    # at T=40) is [T, C_in, k, k] with a 1-D bias or none: its weights are no gates.
     bias = state.get(prefix + "bias")
-    return weight.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+    if isinstance(bias, torch.Tensor):
+        return bias.shape == weight.shape
+    return weight.dim() == 2
