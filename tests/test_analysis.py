@@ -135,3 +135,20 @@ def test_state_dict_gates_are_the_norm_layers_of_a_pipeline_model(bench, width):
     assert [g.name for g in from_state] == [g.name for g in from_module]
     for a, b in zip(from_module, from_state):
         np.testing.assert_allclose(a.values, b.values)
+
+
+def test_cli_on_a_checkpoint_file_reads_the_run_config_it_carries(tmp_path):
+    """tsbn-train's checkpoint holds the run's config: a TSBN run's γ are no sigmoid logits, and a ViT's TS layer
+    norms (no buffers) are found only with num_tasks."""
+    model = nn.Sequential(nn.Linear(4, 4), tk.TSLayerNorm(4, 2, gate="none"))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[2.0, 2.0, 0.5, 0.5], [2.0, 0.5, 0.5, 0.5]]))
+    config = {"norm": "tsbn", "num_tasks": 2, "task_names": ["a", "b"]}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "checkpoint.pt")
+    assert analysis.main([str(tmp_path / "checkpoint.pt")]) == 0
+    summary = json.loads((tmp_path / "checkpoint_analysis" / "summary.json").read_text())
+    assert list(summary["layers"]) == ["1"] and summary["task_names"] == ["a", "b"]
+    np.testing.assert_allclose(summary["layers"]["1"]["open"], [0.5, 0.25])    # |γ| / max |γ| > 0.5
+    torch.save({"model": model.state_dict(), "config": {**config, "norm": "bn"}}, tmp_path / "bn.pt")
+    with pytest.raises(SystemExit, match="--norm bn"):
+        analysis.main([str(tmp_path / "bn.pt")])

@@ -4,7 +4,8 @@
 
 A run directory holds config.json (benchmark, norm, num_tasks, task_names), checkpoint.pt ({"model":
 state_dict, ...}) and, when training recorded it, analysis/record.npz (gate trajectories and Gramians).
-The report goes to RUN_DIR/analysis/ (or next to the checkpoint, or --out).
+The report goes to RUN_DIR/analysis/ (or next to the checkpoint, or --out). A checkpoint file of tsbn-train
+carries the run's config, which then serves as config.json does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .record import load_record
 from .report import write_report
 
 
-def _load_state(path: pathlib.Path) -> dict:
+def _load_state(path: pathlib.Path) -> tuple[dict, dict]:
+    """(state_dict, the run config the checkpoint carries or {})"""
     if not path.exists():
         raise SystemExit(f"tsbn-analyze: {path} does not exist")
     try:
@@ -27,9 +29,10 @@ def _load_state(path: pathlib.Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - report which file is unreadable and why
         raise SystemExit(f"tsbn-analyze: cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]
+        config = obj.get("config")
+        return obj["model"], config if isinstance(config, dict) else {}
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+        return obj, {}
     raise SystemExit(f"tsbn-analyze: {path} holds neither a state_dict nor a dict with a 'model' state_dict")
 
 
@@ -41,17 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--gate", choices=("sigmoid", "none"), help="override the gate kind of config.json")
     args = parser.parse_args(argv)
-    config, record = {}, None
+    record = None
     if args.path.is_dir():
         config_path = args.path / "config.json"
+        state, config = _load_state(args.path / "checkpoint.pt")
         if config_path.exists():
             config = json.loads(config_path.read_text())
-        state = _load_state(args.path / "checkpoint.pt")
         record_path = args.path / "analysis" / "record.npz"
         record = load_record(record_path) if record_path.exists() else None
         out = args.out or args.path / "analysis"
     else:
-        state = _load_state(args.path)
+        # Without the run's norm and num_tasks, a TSBN (gate="none") checkpoint would be read as sigmoid gates
+        # and the TS layer norms of a ViT (no buffers) would not be found.
+        state, config = _load_state(args.path)
         out = args.out or args.path.parent / f"{args.path.stem}_analysis"
     if config.get("norm") == "bn":
         raise SystemExit(f"tsbn-analyze: {args.path} was trained with --norm bn (hard sharing): it has no "
