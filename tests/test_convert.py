@@ -250,6 +250,24 @@ def test_tied_norm_parameters_stay_tied(gate):
     assert model[0].weight.grad.shape == (3, 4)
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+def test_convert_layernorm_refuses_sequence_first_transformer_layers():
+    """torch's transformer layers default to batch_first=False: their norms get [seq, batch, features], and a
+    TSLayerNorm splits dim 0 by task, so the converted layer gave tasks sequence positions (5.9 off the per-task
+    layers at T=2), silently. Refused by name, leaving the model unchanged; batch_first=True converts."""
+    torch.manual_seed(0)
+    seq_first = nn.ModuleDict({"enc": nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)})
+    with pytest.raises(ValueError, match="enc .TransformerEncoderLayer. has batch_first=False"):
+        tk.convert_layernorm(seq_first, 2)
+    assert isinstance(seq_first["enc"].norm1, nn.LayerNorm)
+    with pytest.raises(ValueError, match="TransformerDecoderLayer"):
+        tk.convert_layernorm(nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0), 2)
+    with pytest.raises(ValueError, match="batch_first=False"):
+        tk.convert_layernorm(nn.Transformer(8, 2, 1, 1, 16, dropout=0.0), 2)
+    converted = tk.convert_layernorm(nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True), 2)
+    assert not any(isinstance(m, nn.LayerNorm) for m in converted.modules())
+
+
 @pytest.mark.parametrize("gate", ["sigmoid", "none"])
 def test_converted_transformer_encoder_in_inference(gate):
     """nn.TransformerEncoder(Layer)'s inference fast paths (a fused kernel reading the norms' weights as [D], nested

@@ -135,9 +135,18 @@ def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     the same initialisation rules as :func:`convert_batchnorm`: ``gate="none"`` copies γ (and β) to every task,
     so the converted model computes the original function; ``gate="sigmoid"`` draws the gate logits from N(0, 1)
     (``gate_init="normal"``) or sets them to logit(clamp(γ)) (``gate_init="copy"``). β is kept when the result
-    has a bias (``bias=None`` means: a bias for ``gate="none"``, none for ``gate="sigmoid"``)."""
+    has a bias (``bias=None`` means: a bias for ``gate="none"``, none for ``gate="sigmoid"``). Samples are split by
+    task along dim 0, so torch's transformer layers must be built with ``batch_first=True`` (ValueError otherwise)."""
     if gate_init not in GATE_INITS:
         raise ValueError(f"convert_layernorm: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+    for name, m in module.named_modules():
+        # A TSLayerNorm splits dim 0 by task; these layers' norms get [seq, batch, features] without batch_first,
+        # so the tasks would be assigned sequence positions, silently.
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first \
+                and any(isinstance(n, nn.LayerNorm) for n in m.modules()):
+            raise ValueError(f"convert_layernorm: {name or 'the module'} ({type(m).__name__}) has batch_first=False: "
+                             "its LayerNorms see [seq, batch, features], while a TSLayerNorm takes dim 0 as the "
+                             "samples to split by task; build it with batch_first=True and feed [batch, seq, features]")
 
     tied: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
 
