@@ -152,3 +152,24 @@ def test_cli_on_a_checkpoint_file_reads_the_run_config_it_carries(tmp_path):
     torch.save({"model": model.state_dict(), "config": {**config, "norm": "bn"}}, tmp_path / "bn.pt")
     with pytest.raises(SystemExit, match="--norm bn"):
         analysis.main([str(tmp_path / "bn.pt")])
+
+
+def test_cli_errors_name_the_path(tmp_path):
+    """A directory that is no run, an unreadable record or config.json, an output path that cannot be written:
+    one line naming the path instead of a traceback."""
+    with pytest.raises(SystemExit, match=f"{tmp_path} is not a tsbn-train run directory"):
+        analysis.main([str(tmp_path)])
+    model = tk.convert_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), T)
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pt")
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "record.npz").write_text("truncated")
+    with pytest.raises(SystemExit, match="cannot read the training record .*record.npz"):
+        analysis.main([str(tmp_path)])
+    (tmp_path / "analysis" / "record.npz").unlink()
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(SystemExit, match="cannot read .*config.json"):
+        analysis.main([str(tmp_path)])
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the report to .*a_file/out"):
+        analysis.main([str(tmp_path), "--out", str(tmp_path / "a_file" / "out")])

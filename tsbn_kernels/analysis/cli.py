@@ -46,12 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     record = None
     if args.path.is_dir():
+        if not (args.path / "checkpoint.pt").exists():
+            raise SystemExit(f"tsbn-analyze: {args.path} is not a tsbn-train run directory: it holds no "
+                             "checkpoint.pt")
         config_path = args.path / "config.json"
         state, config = _load_state(args.path / "checkpoint.pt")
         if config_path.exists():
-            config = json.loads(config_path.read_text())
+            try:
+                config = json.loads(config_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"tsbn-analyze: cannot read {config_path}: {exc}") from None
         record_path = args.path / "analysis" / "record.npz"
-        record = load_record(record_path) if record_path.exists() else None
+        if record_path.exists():
+            try:
+                record = load_record(record_path)
+            except Exception as exc:  # noqa: BLE001 - np.load raises anything from ValueError to BadZipFile
+                raise SystemExit(f"tsbn-analyze: cannot read the training record {record_path}: {exc}; move it "
+                                 "away to analyse the checkpoint alone") from None
         out = args.out or args.path / "analysis"
     else:
         # Without the run's norm and num_tasks, a TSBN (gate="none") checkpoint would be read as sigmoid gates
@@ -66,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         layers = gates_from_state_dict(state, gate=gate, num_tasks=config.get("num_tasks"))
     except ValueError as exc:
         raise SystemExit(f"tsbn-analyze: {args.path}: {exc}") from None
-    report = write_report(layers, out, tau=args.tau, record=record, task_names=config.get("task_names"),
-                          title=f"Gate analysis: {args.path}")
+    try:
+        report = write_report(layers, out, tau=args.tau, record=record, task_names=config.get("task_names"),
+                              title=f"Gate analysis: {args.path}")
+    except OSError as exc:
+        raise SystemExit(f"tsbn-analyze: cannot write the report to {out}: {exc}") from None
     print(f"{len(layers)} gated layers, {layers[0].num_tasks} tasks -> {report}")
     return 0
 
