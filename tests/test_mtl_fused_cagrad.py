@@ -89,11 +89,12 @@ def test_plain_projection_equals_project_simplex(T):
 @pytest.mark.parametrize("c,rescale", [(0.5, True), (0.4, True), (0.4, False)])
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
 def test_iterates_equal_the_tensor_program(T, c, rescale):
-    """float64, well conditioned, 20 steps: before the objective's differences come down to rounding, where an
-    accept decision may go either way, both programs take the same steps (c = 0.4: c is exact in float64)."""
+    """float64, well conditioned, 12 steps: before the objective's differences come down to rounding, where an
+    accept decision may go either way (the Jacobi-scaled solve gets there in ~20 at T=8), both programs take the
+    same steps (c = 0.4: c is exact in float64)."""
     M = gramian("random", T, seed=T)
-    want = weightings.cagrad(M, c=c, rescale=rescale, iterations=20, fused=False)
-    got = weightings.cagrad(M, c=c, rescale=rescale, iterations=20, fused=True)
+    want = weightings.cagrad(M, c=c, rescale=rescale, iterations=12, fused=False)
+    got = weightings.cagrad(M, c=c, rescale=rescale, iterations=12, fused=True)
     assert got.dtype == M.dtype and got.shape == (T,)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
 

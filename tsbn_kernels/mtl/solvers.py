@@ -111,20 +111,32 @@ def _fused_solver_applies(M: Tensor, simplex: bool) -> bool:
     return triton_solvers.applies(M, simplex)
 
 
-def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 300) -> Tensor:
+def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 300, scale: Tensor | None = None
+                        ) -> Tensor:
     """argmin of a convex function over the simplex by projected gradient with a sync-free adaptive step:
-    a step that lowers the objective is taken and lengthened, one that does not is refused and halved."""
-    x = project_simplex(start)
-    value = objective(x)
-    step = torch.ones((), dtype=x.dtype, device=x.device) / gradient(x).abs().max().clamp_min(1e-30)
+    a step that lowers the objective is taken and lengthened, one that does not is refused and halved.
+
+    ``scale`` d > 0 (jacobi_scale of the Gramian): iterate in u = d·x over {u ≥ 0, Σ u/d = 1}, as min_quadratic
+    does: in x, the directions of tasks with small gradients get steps sized for the largest and stall (cagrad at
+    norms 1e2..1e-2, T=7: the objective still 470% above its optimum after 300 steps, 350% after 3000).
+    ``objective`` and ``gradient`` take x."""
+    inverse = torch.ones_like(start) if scale is None else 1 / scale
+    weights = None if scale is None else inverse          # None: project_simplex's unweighted form
+
+    def u_gradient(u):
+        return gradient(u * inverse) * inverse
+
+    u = project_simplex(start / inverse, weights)
+    value = objective(u * inverse)
+    step = torch.ones((), dtype=u.dtype, device=u.device) / u_gradient(u).abs().max().clamp_min(1e-30)
     for _ in range(iterations):
-        candidate = project_simplex(x - step * gradient(x))
-        candidate_value = objective(candidate)
+        candidate = project_simplex(u - step * u_gradient(u), weights)
+        candidate_value = objective(candidate * inverse)
         better = candidate_value < value
-        x = torch.where(better, candidate, x)
+        u = torch.where(better, candidate, u)
         value = torch.where(better, candidate_value, value)
         step = torch.where(better, step * 1.5, step * 0.5)
-    return x
+    return u * inverse
 
 
 def _round_robin_pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ radius and the final w around its adaptive-step projected gradient (same steps, 
 The simplex projection without a sort: solvers.project_simplex's threshold is the largest of its candidates θ_k
 over the ratios in descending order, and every k is "the ratios ≥ ratio_i" for some i: a T×T comparison. (The
 prefixes that end inside a tie are not among them, but across a tie θ_k moves monotonically toward the tied ratio,
-so the largest is at a tie's ends.) With weights 1 it is project_simplex(v) unweighted, cagrad's projection.
+so the largest is at a tie's ends.)
 """
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def _matvec(M, v):
 
 
 @triton.jit
+def _jacobi_scale(M, i, ok):
+    """solvers.jacobi_scale (padding: d = 1, which no result reads)."""
+    d = tl.sqrt(tl.maximum(tl.sum(tl.where(i[:, None] == i[None, :], M, 0.0), axis=1), 0.0))
+    top = tl.max(d, axis=0)
+    return tl.where(ok, tl.where(top > 0, tl.maximum(d, 1e-6 * top), 1.0), 1.0)
+
+
+@triton.jit
 def _project(u, inverse, lower, ok, SIMPLEX: tl.constexpr):
     """onto {u ≥ 0, Σ u·inverse = 1} (solvers.project_simplex with a = inverse), or onto the box {u ≥ lower}."""
     if SIMPLEX:
@@ -55,11 +63,7 @@ def _min_quadratic_kernel(m_ptr, start_ptr, out_ptr, T, iterations, power_iterat
     ok = i < T
     M = tl.load(m_ptr + i[:, None] * T + i[None, :], mask=ok[:, None] & ok[None, :], other=0.0)
     start = tl.load(start_ptr + row * T + i, mask=ok, other=0.0)
-    diag = tl.sum(tl.where(i[:, None] == i[None, :], M, 0.0), axis=1)
-    # Jacobi scaling as solvers.jacobi_scale (padding: d = 1, which no result reads).
-    d = tl.sqrt(tl.maximum(diag, 0.0))
-    top = tl.max(d, axis=0)
-    d = tl.where(ok, tl.where(top > 0, tl.maximum(d, 1e-6 * top), 1.0), 1.0)
+    d = _jacobi_scale(M, i, ok)
     S = M / (d[:, None] * d[None, :])
     start = start * d
     inverse = 1.0 / d
@@ -96,26 +100,30 @@ def _cagrad_kernel(m_ptr, out_ptr, T, iterations, BLOCK_T: tl.constexpr, C: tl.c
     # Constants made in M's dtype: a bare literal is a float32 constant, which in float64 would put 1e-8 off the
     # tensor program's in the last bits and c = 0.1 in its 8th digit.
     eps = tl.full([], 1e-8, M.dtype)
-    ones = tl.full([BLOCK_T], 1.0, M.dtype)          # the plain simplex: _project's weights all 1
-    b = tl.where(ok, ones / T, 0.0)
+    b = tl.where(ok, tl.full([BLOCK_T], 1.0, M.dtype) / T, 0.0)
     radius = tl.full([], C, M.dtype) * tl.sqrt(tl.sum(tl.sum(M, axis=1), axis=0) / (T * T) + eps) + eps
     Mb = _matvec(M, b)
-    # solvers.minimize_on_simplex on cagrad's objective x·Mb + radius·sqrt(xᵀMx + 1e-8). Its gradient at x is
-    # carried from the step that accepted x, not recomputed from x each step: one product with M a step.
-    x = _project(b, ones, b, ok, True)
+    # solvers.minimize_on_simplex on cagrad's objective x·Mb + radius·sqrt(xᵀMx + 1e-8), in the Jacobi-scaled
+    # u = d·x over {u ≥ 0, Σ u/d = 1}. The gradient at x is carried from the step that accepted x, not recomputed
+    # from x each step: one product with M a step.
+    inverse = 1.0 / _jacobi_scale(M, i, ok)
+    u = _project(b / inverse, inverse, b, ok, True)
+    x = u * inverse
     Mx = _matvec(M, x)
     root = tl.sqrt(tl.sum(x * Mx, axis=0) + eps)
     value = tl.sum(x * Mb, axis=0) + radius * root
-    gradient = Mb + radius * Mx / root
+    gradient = (Mb + radius * Mx / root) * inverse
     step = 1.0 / tl.maximum(tl.max(tl.abs(gradient), axis=0), tl.full([], 1e-30, M.dtype))
     for _ in range(iterations):
-        candidate = _project(x - step * gradient, ones, x, ok, True)
-        Mc = _matvec(M, candidate)
-        root = tl.sqrt(tl.sum(candidate * Mc, axis=0) + eps)
-        candidate_value = tl.sum(candidate * Mb, axis=0) + radius * root
+        candidate = _project(u - step * gradient, inverse, u, ok, True)
+        xc = candidate * inverse
+        Mc = _matvec(M, xc)
+        root = tl.sqrt(tl.sum(xc * Mc, axis=0) + eps)
+        candidate_value = tl.sum(xc * Mb, axis=0) + radius * root
         better = candidate_value < value
-        x = tl.where(better, candidate, x)
-        gradient = tl.where(better, Mb + radius * Mc / root, gradient)
+        u = tl.where(better, candidate, u)
+        x = tl.where(better, xc, x)
+        gradient = tl.where(better, (Mb + radius * Mc / root) * inverse, gradient)
         value = tl.where(better, candidate_value, value)
         step = tl.where(better, step * 1.5, step * 0.5)
     gw_norm = tl.sqrt(tl.maximum(tl.sum(x * _matvec(M, x), axis=0), 0.0))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .solvers import min_quadratic, minimize_on_simplex, symmetric_eigh
+from .solvers import jacobi_scale, min_quadratic, minimize_on_simplex, symmetric_eigh
 
 
 def _tiny(M: Tensor) -> float:
@@ -96,7 +96,7 @@ def cagrad(M: Tensor, c: float = 0.5, rescale: bool = True, iterations: int = 30
     def gradient(x):
         return Mb + radius * (M @ x) / (x @ M @ x + 1e-8).sqrt()
 
-    x = minimize_on_simplex(objective, gradient, b, iterations)
+    x = minimize_on_simplex(objective, gradient, b, iterations, scale=jacobi_scale(M))
     gw_norm = (x @ M @ x).clamp_min(0).sqrt()
     w = b + (radius / (gw_norm + 1e-8)) * x
     return w / (1 + c * c) if rescale else w
