@@ -114,6 +114,13 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
                              "jacrev, ...): its kernels have no functorch rules. Use backend='auto', which runs "
                              "the eager reference there, or backend='eager'")
         return "eager", _registry["eager"].ops[op]
+    if _under_forward_ad():
+        # Nor jvp rules: a fused op drops the tangents of dual tensors and returns a plain output, silently.
+        if backend not in ("auto", "eager"):
+            raise ValueError(f"backend {backend!r} cannot run {op} under forward-mode AD "
+                             "(torch.autograd.forward_ad.dual_level): its kernels have no jvp rules. Use "
+                             "backend='auto', which runs the eager reference there, or backend='eager'")
+        return "eager", _registry["eager"].ops[op]
     if _in_onnx_export():
         # ONNX has no counterpart of the fused ops; the reference is plain PyTorch (in eval: a few elementwise ops),
         # which both exporters translate. Whatever the backend, the exported model computes the same function.
@@ -133,6 +140,11 @@ def _in_onnx_export() -> bool:
     if torch._C._get_tracing_state() is None and not torch.compiler.is_exporting():
         return False
     return torch.onnx.is_in_onnx_export()
+
+
+def _under_forward_ad() -> bool:
+    # Dual tensors exist only inside a dual_level() block, which sets this level (-1 outside).
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
 
 
 def _under_torch_func() -> bool:

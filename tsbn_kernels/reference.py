@@ -143,6 +143,7 @@ def _scale_and_shift(centered: Tensor, ids: Tensor, invstd: Tensor, weight: Tens
 @torch.no_grad()
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                           counts: Tensor, momentum: float | Tensor) -> None:
+    mean, var = mean.detach(), var.detach()   # no_grad does not stop forward-mode AD from giving the buffers tangents
     present = (counts > 0).unsqueeze(1)
     unbiased = var * (counts / (counts - 1).clamp_min(1)).unsqueeze(1)
     if isinstance(momentum, Tensor):
