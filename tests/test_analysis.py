@@ -173,3 +173,23 @@ def test_cli_errors_name_the_path(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="cannot write the report to .*a_file/out"):
         analysis.main([str(tmp_path), "--out", str(tmp_path / "a_file" / "out")])
+
+
+def test_gradient_cosine_leaves_out_overflowed_steps(tmp_path):
+    """tsbn-train --amp fp16 records the Gramian of a step the GradScaler skipped as NaN/inf."""
+    M = np.array([[4.0, -2.0], [-2.0, 4.0]])
+    nan = np.full((2, 2), np.nan)
+    np.testing.assert_allclose(analysis.gradient_cosine([M, nan, np.inf * M]), [[1, -0.5], [-0.5, 1]])
+    assert np.isnan(analysis.gradient_cosine([nan])).all()
+    layers = [LayerGates("l", np.array([[0.9, 0.1], [0.2, 0.8]]), "sigmoid")]
+    for gramians, cosine in (([M, nan], [[1, -0.5], [-0.5, 1]]), ([nan, nan], None)):
+        record = {"steps": np.arange(len(gramians)), "gramians": np.stack(gramians), "trajectories": {}}
+        analysis.write_report(layers, tmp_path, record=record)
+        text = (tmp_path / "summary.json").read_text()
+        summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+        if cosine is None:
+            assert "gradient_cosine" not in summary
+        else:
+            np.testing.assert_allclose(summary["gradient_cosine"], cosine)
+        assert (tmp_path / "gradient_cosine.png").exists() == (cosine is not None)
+        (tmp_path / "gradient_cosine.png").unlink(missing_ok=True)

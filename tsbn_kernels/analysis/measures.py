@@ -35,11 +35,23 @@ def gate_affinity(layers: Sequence[LayerGates], tau: float = 0.5) -> dict[str, n
     return {"cosine": unit @ unit.T, "overlap": np.where(union > 0, inter / np.maximum(union, 1), 1.0)}
 
 
-def gradient_cosine(gramians: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Mean over the recorded steps of cos(g_i, g_j) = M_ij / sqrt(M_ii·M_jj)."""
+def finite_gramians(gramians: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """The [S, T, T] stack of the recorded Gramians that are finite. A float16 run records the Gramian of a step
+    whose gradients overflowed (the GradScaler skipped it) as inf/NaN; left in, one such step makes the mean NaN
+    and summary.json invalid JSON."""
     stack = np.asarray(gramians, dtype=np.float64)
     if stack.ndim == 2:
         stack = stack[None]
+    return stack[np.isfinite(stack).all(axis=(1, 2))]
+
+
+def gradient_cosine(gramians: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Mean over the recorded steps with a finite Gramian of cos(g_i, g_j) = M_ij / sqrt(M_ii·M_jj); NaN when
+    none is finite."""
+    stack = finite_gramians(gramians)
+    if not len(stack):
+        size = np.asarray(gramians).shape[-1]
+        return np.full((size, size), np.nan)
     diag = np.sqrt(np.maximum(np.einsum("sii->si", stack), 1e-30))
     return (stack / (diag[:, :, None] * diag[:, None, :])).mean(axis=0)
 
@@ -49,6 +61,6 @@ def summary(layers: Sequence[LayerGates], tau: float = 0.5, gramians=None) -> di
                               for k, v in capacity(layer, tau).items()} for layer in layers}
     out = {"tau": tau, "num_tasks": layers[0].num_tasks, "layers": per_layer,
            "affinity": {k: v.tolist() for k, v in gate_affinity(layers, tau).items()}}
-    if gramians is not None and len(gramians):
+    if gramians is not None and len(finite_gramians(gramians)):
         out["gradient_cosine"] = gradient_cosine(gramians).tolist()
     return out

@@ -12,14 +12,15 @@ import numpy as np
 
 from . import plots
 from .gates import LayerGates
-from .measures import gate_affinity, gradient_cosine, summary
+from .measures import finite_gramians, gate_affinity, gradient_cosine, summary
 
 
 def write_report(layers: Sequence[LayerGates], out_dir: str | os.PathLike, *, tau: float = 0.5, record=None,
                  task_names: Sequence[str] | None = None, title: str = "Gate analysis") -> pathlib.Path:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gramians = record["gramians"] if record is not None and len(record["gramians"]) else None
+    finite = finite_gramians(record["gramians"]) if record is not None and len(record["gramians"]) else ()
+    gramians = finite if len(finite) else None
     names = list(task_names) if task_names else None
     affinity = gate_affinity(layers, tau)
     figures = [
