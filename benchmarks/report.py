@@ -22,7 +22,16 @@ BASELINES = ("eager", "loop_F.batch_norm", "plain_batch_norm", "compiled_referen
 
 def load(*paths: str | pathlib.Path) -> dict:
     """One pytest-benchmark JSON, or several merged: the first file's machine and commit, every benchmark."""
-    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as exc:      # ValueError: not JSON, or not UTF-8
+            raise SystemExit(f"benchmarks.report: cannot read {path}: {exc}") from None
+        if not isinstance(run, dict) or not isinstance(run.get("benchmarks"), list):
+            raise SystemExit(f"benchmarks.report: {path} is not a pytest-benchmark JSON (--benchmark-json): it has "
+                             "no 'benchmarks' list")
+        runs.append(run)
     merged = dict(runs[0])
     merged["benchmarks"] = [b for run in runs for b in run.get("benchmarks", [])]
     return merged

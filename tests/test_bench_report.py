@@ -59,3 +59,14 @@ def test_rotation_exceeds_the_cache():
     assert rotation_count(1 << 30, cache) == 1
     assert rotation_count(40 << 20, cache) == 4 and 4 * (40 << 20) >= 3 * cache
     assert rotation_count(1 << 10, cache) == MAX_ROTATION
+
+
+def test_unreadable_input_is_one_line_naming_the_file(tmp_path):
+    import pytest
+
+    (tmp_path / "log.txt").write_text("148 passed in 503.22s")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, message in (("log.txt", "cannot read .*log.txt"), ("missing.json", "cannot read .*missing.json"),
+                          ("list.json", "list.json is not a pytest-benchmark JSON")):
+        with pytest.raises(SystemExit, match=message):
+            report.main([str(tmp_path / name)])
