@@ -218,6 +218,25 @@ def test_convert_layernorm_keeps_requires_grad_of_weight_and_bias():
     assert trainable == ["0.weight", "0.bias", "2.weight"]
 
 
+@pytest.mark.parametrize("convert,norm", [(tk.convert_batchnorm, nn.BatchNorm2d), (tk.convert_layernorm, nn.LayerNorm)])
+def test_frozen_norm_with_random_gates_warns_once(convert, norm, recwarn):
+    """Random sigmoid gates on a frozen norm never train: the pretrained function is changed for good. One warning
+    for the whole model (not one per norm), none for gate_init='copy', gate='none' or trainable norms."""
+    import warnings
+
+    model = nn.Sequential(*(norm(4) for _ in range(5)))
+    model.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        convert(copy.deepcopy(model), 2)
+    assert [str(w.message).count("gate_init='copy'") for w in caught] == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(copy.deepcopy(model), 2, gate_init="copy")
+        convert(copy.deepcopy(model), 2, gate="none")
+        convert(nn.Sequential(norm(4)), 2)
+
+
 def test_a_shared_norm_stays_one_shared_layer():
     """A norm used twice (or registered under two names) becomes one task-specific layer, not a converted copy
     and a leftover nn.BatchNorm2d (named_children() yields such a module once)."""

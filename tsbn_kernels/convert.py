@@ -1,6 +1,7 @@
 """Turn an existing (single- or hard-shared multi-task) model into a task-specific-norm model."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -99,6 +100,15 @@ def _replace_modules(module: nn.Module, convert: Callable[[nn.Module], nn.Module
     return converted
 
 
+def _warn_if_frozen_random_gates(caller: str, weight: torch.Tensor, gate: str, gate_init: str) -> None:
+    # One message text for every layer: Python shows it once, not once per norm of a frozen ResNet.
+    if gate == "sigmoid" and gate_init == "normal" and not weight.requires_grad:
+        warnings.warn(f"{caller}: a frozen norm (weight.requires_grad=False) with gate_init='normal' gets random "
+                      "sigmoid gates that stay frozen, changing the pretrained function for good; pass "
+                      "gate_init='copy' (gates = logit of γ) or gate='none' (γ copied), or unfreeze the gates",
+                      UserWarning, stacklevel=4)
+
+
 def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: bool | None, gate_init: str,
                  backend: str, activation: str | None) -> nn.Module:
     reference_tensor = bn.weight if bn.weight is not None else bn.running_mean
@@ -116,6 +126,7 @@ def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: b
             if ts.bias is not None:
                 ts.bias.copy_(bn.bias.expand_as(ts.bias))
             ts.weight.requires_grad_(bn.weight.requires_grad)
+            _warn_if_frozen_random_gates("convert_batchnorm", bn.weight, gate, gate_init)
             if ts.bias is not None:
                 ts.bias.requires_grad_(bn.bias.requires_grad)
         if bn.track_running_stats and bn.running_mean is not None:
@@ -179,6 +190,7 @@ def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool 
             elif gate_init == "copy":
                 ts.weight.copy_(torch.logit(ln.weight.clamp(1e-3, 1 - 1e-3)).expand_as(ts.weight))
             ts.weight.requires_grad_(ln.weight.requires_grad)
+            _warn_if_frozen_random_gates("convert_layernorm", ln.weight, gate, gate_init)
         if ts.bias is not None and ln.bias is not None:
             ts.bias.copy_(ln.bias.expand_as(ts.bias))
             ts.bias.requires_grad_(ln.bias.requires_grad)
