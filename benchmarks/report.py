@@ -37,11 +37,17 @@ def load(*paths: str | pathlib.Path) -> dict:
     return merged
 
 
+def _group(bench: dict) -> str:
+    # pytest-benchmark writes "group": null for a benchmark that sets none (any suite but ours); sorting the
+    # groups then failed on None < str.
+    return bench.get("group") or "(no group)"
+
+
 def rows_by_group(data: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        groups[bench["group"]].append({
+        groups[_group(bench)].append({
             "contender": info.get("contender", bench["name"]),
             # On CUDA the device time (events / CUDA graph replays, benchmarks/conftest.py); else host time.
             "median": info.get("device_median_s", bench["stats"]["median"]),
@@ -69,7 +75,7 @@ def tuning_entries(data: dict) -> list[dict]:
     best: dict[tuple, tuple[int, dict]] = {}
     by_group: dict[str, list[dict]] = defaultdict(list)
     for bench in data["benchmarks"]:
-        by_group[bench["group"]].append(bench)
+        by_group[_group(bench)].append(bench)
     for group, benches in by_group.items():
         parts = group.split("/")
         if parts[0] not in ("ts_batch_norm", "ts_layer_norm"):
@@ -119,7 +125,8 @@ def markdown(data: dict) -> str:
         rows = sorted(groups[group], key=lambda r: r["median"])
         ratios = speedups(rows)
         baselines = [b for b in BASELINES if any(b in ratios[r["contender"]] for r in rows)]
-        copy_gbps = next((b["extra_info"].get("copy_gbps") for b in data["benchmarks"] if b["group"] == group), None)
+        copy_gbps = next((b.get("extra_info", {}).get("copy_gbps") for b in data["benchmarks"]
+                          if _group(b) == group), None)
         lines.append(f"### {group}" + (f" (copy bandwidth {copy_gbps:.1f} GB/s)" if copy_gbps else ""))
         lines.append("")
         timed = any(r["timing"] != "host" for r in rows)    # CUDA: say which rows are graph replays

@@ -70,3 +70,19 @@ def test_unreadable_input_is_one_line_naming_the_file(tmp_path):
                           ("list.json", "list.json is not a pytest-benchmark JSON")):
         with pytest.raises(SystemExit, match=message):
             report.main([str(tmp_path / name)])
+
+
+def test_benchmarks_without_group_or_extra_info(tmp_path):
+    """pytest-benchmark writes "group": null for a benchmark that sets no group, and a suite other than ours
+    leaves extra_info empty or out: the table still has every row."""
+    data = fake_results()
+    data["benchmarks"] += [{"group": None, "name": "test_a", "stats": {"median": 0.5}, "extra_info": {}},
+                           {"group": None, "name": "test_b", "stats": {"median": 0.25}}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "t.md"
+    assert report.main([str(path), "--out", str(out), "--plot", str(tmp_path / "p.png"),
+                        "--tuning-table", str(tmp_path / "tuned.json")]) == 0
+    text = out.read_text()
+    assert "### (no group)" in text and "| test_b | 250.000 |" in text and "| test_a | 500.000 |" in text
+    assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
