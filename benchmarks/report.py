@@ -111,8 +111,15 @@ def write_tuning_table(data: dict, path: str | pathlib.Path) -> int:
     return len(entries)
 
 
-def _fmt(value: float | None, pattern: str) -> str:
-    return "" if value is None else pattern.format(value)
+def _fmt(value: float | None, decimals: int, suffix: str = "") -> str:
+    if value is None:
+        return ""
+    text = f"{value:.{decimals}f}"
+    if value and float(text) == 0:
+        # Rounded to the column's places, 0.04 GB/s read "0.0" beside its "11%" of the copy bandwidth, and every
+        # contender over 200x slower than a baseline "0.00x": two significant digits instead.
+        text = f"{value:.2g}"
+    return text + suffix
 
 
 def markdown(data: dict) -> str:
@@ -135,9 +142,9 @@ def markdown(data: dict) -> str:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for r in rows:
-            cells = [r["contender"], f"{r['median'] * 1e3:.3f}", _fmt(r["gbps"], "{:.1f}"),
-                     _fmt(None if r["copy_fraction"] is None else 100 * r["copy_fraction"], "{:.0f}%")]
-            cells += [_fmt(ratios[r["contender"]].get(b), "{:.2f}x") for b in baselines]
+            cells = [r["contender"], f"{r['median'] * 1e3:.3f}", _fmt(r["gbps"], 1),
+                     _fmt(None if r["copy_fraction"] is None else 100 * r["copy_fraction"], 0, "%")]
+            cells += [_fmt(ratios[r["contender"]].get(b), 2, "x") for b in baselines]
             cells += [r["timing"]] if timed else []
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

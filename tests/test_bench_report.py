@@ -86,3 +86,14 @@ def test_benchmarks_without_group_or_extra_info(tmp_path):
     text = out.read_text()
     assert "### (no group)" in text and "| test_b | 250.000 |" in text and "| test_a | 500.000 |" in text
     assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
+
+
+def test_small_values_keep_two_significant_digits():
+    """A training step moves few ideal bytes per second (0.04 GB/s, 0.2 % of the copy bandwidth) and a contender
+    400x slower than a baseline has a ratio of 0.0025: rounded to the column's places they all read 0."""
+    data = fake_results()
+    data["benchmarks"].append({"group": "g1", "name": "test[slow]", "stats": {"median": 12.0},
+                               "extra_info": {"contender": "slow", "gbps": 0.04, "copy_fraction": 0.002}})
+    text = report.markdown(data)
+    assert "| slow | 12000.000 | 0.04 | 0.2% | 0.0025x | 0.0017x | 0.001x |" in text
+    assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
