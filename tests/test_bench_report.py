@@ -97,3 +97,20 @@ def test_small_values_keep_two_significant_digits():
     text = report.markdown(data)
     assert "| slow | 12000.000 | 0.04 | 0.2% | 0.0025x | 0.0017x | 0.001x |" in text
     assert "| cpu | 10.000 | 10.0 | 50% | 3.00x | 2.00x | 1.20x |" in text
+
+
+def test_plot_is_log_scaled_with_bars_from_one(tmp_path, monkeypatch):
+    """Speed-ups of 0.01x and 0.5x were both slivers at 0 on a linear axis."""
+    from matplotlib.figure import Figure
+
+    seen = {}
+
+    def savefig(fig, path, **kw):
+        ax = fig.axes[0]
+        seen["scale"] = ax.get_xscale()
+        seen["bars"] = sorted((p.get_x(), p.get_x() + p.get_width()) for p in ax.patches)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    report.plot(fake_results(), tmp_path / "p.png")
+    assert seen["scale"] == "log"
+    expected = sorted([(1.0, 3.0), (1.0, 2.5), (1.0, 1.5)])      # cpu, plain_batch_norm, loop vs eager
+    assert [tuple(round(v, 9) for v in bar) for bar in seen["bars"]] == expected
