@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                         "tsbn_kernels.tuning table (backend=\"auto\" reads it)")
     args = parser.parse_args(argv)
     data = load(*args.results)
+    if not data["benchmarks"]:
+        # A table of nothing under the machine line, an empty plot and an empty tuning table read as success.
+        raise SystemExit(f"benchmarks.report: no benchmark results in {', '.join(args.results)} (pytest-benchmark "
+                         "records none when every benchmark was skipped, deselected or run with --benchmark-disable)")
     text = markdown(data)
     if args.out:
         pathlib.Path(args.out).write_text(text)

@@ -114,3 +114,13 @@ def test_plot_is_log_scaled_with_bars_from_one(tmp_path, monkeypatch):
     assert seen["scale"] == "log"
     expected = sorted([(1.0, 3.0), (1.0, 2.5), (1.0, 1.5)])      # cpu, plain_batch_norm, loop vs eager
     assert [tuple(round(v, 9) for v in bar) for bar in seen["bars"]] == expected
+
+
+def test_no_benchmarks_is_an_error(tmp_path):
+    import pytest
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**fake_results(), "benchmarks": []}))
+    with pytest.raises(SystemExit, match="no benchmark results in .*r.json"):
+        report.main([str(path), "--plot", str(tmp_path / "p.png"), "--tuning-table", str(tmp_path / "t.json")])
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "t.json").exists()
