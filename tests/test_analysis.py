@@ -193,3 +193,17 @@ def test_gradient_cosine_leaves_out_overflowed_steps(tmp_path):
             np.testing.assert_allclose(summary["gradient_cosine"], cosine)
         assert (tmp_path / "gradient_cosine.png").exists() == (cosine is not None)
         (tmp_path / "gradient_cosine.png").unlink(missing_ok=True)
+
+
+def test_gate_heatmaps_of_forty_tasks_stay_a_readable_size(tmp_path):
+    """CelebA (40 tasks, ResNet-18's 20 norm layers) drew 0.45 in per task: a 30000-px-tall gates.png."""
+    from PIL import Image
+
+    from tsbn_kernels.analysis import plots
+
+    rng = np.random.default_rng(0)
+    layers = [LayerGates(f"l{i}", rng.random((40, 8)), "sigmoid") for i in range(20)]
+    width, height = Image.open(plots.gate_heatmaps(layers, tmp_path / "g.png")).size
+    assert height < 8000, (width, height)
+    small = [LayerGates(f"l{i}", rng.random((3, 8)), "sigmoid") for i in range(2)]
+    assert Image.open(plots.gate_heatmaps(small, tmp_path / "s.png", ["a", "b", "c"])).size[1] > 250

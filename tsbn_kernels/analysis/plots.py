@@ -15,12 +15,17 @@ from .measures import capacity  # noqa: E402
 
 
 def gate_heatmaps(layers: Sequence[LayerGates], path, task_names=None) -> pathlib.Path:
-    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 0.45 * layers[0].num_tasks * len(layers) + 1),
-                             squeeze=False)
+    num_tasks = layers[0].num_tasks
+    # 0.45 in per task made CelebA's 40 tasks × 20 layers a 30000-px-tall image: a panel is at most 2.5 in, and
+    # labels only every `step`-th task where 7-pt labels would overlap.
+    panel = min(0.45 * num_tasks, 2.5)
+    step = max(1, int(np.ceil(num_tasks * 9 / (panel * 72))))
+    names = task_names or [f"task {t}" for t in range(num_tasks)]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, panel * len(layers) + 1), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
         order = np.argsort(-layer.values.mean(axis=0))
         im = ax.imshow(layer.values[:, order], aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(layer.num_tasks), task_names or [f"task {t}" for t in range(layer.num_tasks)], fontsize=7)
+        ax.set_yticks(range(0, layer.num_tasks, step), list(names)[::step], fontsize=7)
         ax.set_title(f"{layer.name} ({layer.values.shape[1]} channels, sorted by mean gate)", fontsize=8)
         ax.set_xticks([])
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="gate")
