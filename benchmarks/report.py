@@ -5,9 +5,10 @@
 
 Several JSON files (one pytest-benchmark run each, e.g. the phases of benchmarks/gpu_check.sh) are read as one.
 
-Per group: every contender's median time (on CUDA the device time of benchmarks/conftest.py), achieved GB/s under the ideal byte model, its fraction of the copy
-bandwidth measured in the same run, and the speed ratio against each baseline present in the group
-(ratio > 1: faster than that baseline).
+Per group: every contender's median time (on CUDA the device time of benchmarks/conftest.py), achieved GB/s
+under the ideal byte model, its fraction of the copy bandwidth measured in the same run, and the speed ratio
+against each baseline present in the group (ratio > 1: faster than that baseline). A value that the column's
+places would round to 0 keeps two significant digits. The plot's speed-up axis is logarithmic.
 """
 from __future__ import annotations
 
