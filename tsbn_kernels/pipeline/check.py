@@ -1,12 +1,19 @@
 """tsbn-check: train the same model from the same seed on the same batches with the eager reference and with the
 fused path, step by step, and fail when they disagree.
 
-    tsbn-check {nyuv2,cityscapes,celeba,all} [--steps K] [--backend auto] [--method pcgrad] [--width W] [--size H W]
+    tsbn-check {nyuv2,cityscapes,celeba,pascal,all} [--steps K] [--backend auto] [--method pcgrad] [--width W]
+               [--size H W] [--independent]
 
 eager: reference norms, T autograd passes for the per-task gradients, the aggregation's torch path.
 fused: the chosen norm backend, per-task gradients from one backward (mtl.OneBackward), the fused Gramian path.
 Per step: both losses and their difference, the largest parameter difference, both step times and (on a GPU)
 both peak memories. Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance.
+
+Each step starts the fused model from the eager run's state (parameters and running statistics), so a difference
+is that step's own. Two runs left to themselves part however exact the kernels are: training a small-batch BN
+net is so sensitive to its state that a 1e-15 relative perturbation of an eager run grows ~1000× a step against
+the unperturbed one (1e-2 after five NYUv2 steps here). ``--independent`` lets the fused run go its own way
+(the differences then grow so), and checks the first step only.
 PASCAL-Context runs the ViT-S/16 with task-specific layer norms (its ResNet option is the NYUv2 network).
 """
 from __future__ import annotations
@@ -78,7 +85,7 @@ def batches(benchmark: str, steps: int, n: int, size, workdir: str):
 
 
 def run(benchmark: str, steps: int, backend: str, method: str, width: int, size, n: int, dtype=torch.float32,
-        device: str = "cpu", out=None) -> bool:
+        device: str = "cpu", out=None, independent: bool = False) -> bool:
     torch.manual_seed(0)
     eager = build_model(benchmark, width=width, head_width=4 * width, backend="eager",
                         image_size=tuple(size)).to(device, dtype)
@@ -94,12 +101,15 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
     tol = TOLERANCE[dtype]
     ok = True
     print(f"{benchmark}: {eager.num_tasks} tasks, {sum(p.numel() for p in eager.parameters()):,} parameters, "
-          f"method {method}, fused norm backend {backend!r}", file=out)
+          f"method {method}, fused norm backend {backend!r}, "
+          f"{'independent runs (step 1 checked)' if independent else 'each step from the eager state'}", file=out)
     print(f"{'step':>4} {'loss eager':>11} {'loss fused':>11} {'|Δloss|':>9} {'max|Δparam|':>11} "
           f"{'ms eager':>9} {'ms fused':>9} {'MB eager':>9} {'MB fused':>9}", file=out)
     with tempfile.TemporaryDirectory() as workdir:
         for step, batch in enumerate(batches(benchmark, steps, n, size, workdir), start=1):
             batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+            if not independent:   # plain SGD keeps no state of its own to copy
+                fused.load_state_dict(eager.state_dict())
             record = {}
             for name, model in models.items():
                 if device == "cuda":
@@ -129,7 +139,8 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
             print(f"{step:>4} {record['eager'][0]:>11.5f} {record['fused'][0]:>11.5f} {loss_diff:>9.2e} "
                   f"{param_diff:>11.2e} {record['eager'][1]:>9.1f} {record['fused'][1]:>9.1f} "
                   f"{_megabytes(record['eager'][2]):>9} {_megabytes(record['fused'][2]):>9}", file=out)
-            if loss_diff > tol * max(1.0, abs(record["eager"][0])) or param_diff > tol:
+            checked = not independent or step == 1
+            if checked and (loss_diff > tol * max(1.0, abs(record["eager"][0])) or param_diff > tol):
                 ok = False
     print(f"{benchmark}: {'OK' if ok else 'MISMATCH'} (tolerance {tol:g})", file=out)
     return ok
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, help="stem width (default: 64 on a GPU, 8 on the CPU)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: small on CPU)")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--independent", action="store_true",
+                        help="let the fused run train from its own state instead of the eager one's each step "
+                             "(its differences then grow with the training's sensitivity; only step 1 is checked)")
     parser.add_argument("--dtype", choices=("float32", "float64"),
                         help="default: float64 on the CPU, float32 on a GPU. Deep BN nets at the CPU's tiny batches "
                              "are so ill-conditioned that fp32 gradients of ANY implementation sit ~10%% from the "
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         real = REAL_SIZES[benchmark]
         size = tuple(args.size) if args.size else (real if device == "cuda" else (real[0] // 4, real[1] // 4))
         ok &= run(benchmark, args.steps, args.backend, args.method, width, size, args.batch, dtype=dtype,
-                  device=device)
+                  device=device, independent=args.independent)
     return 0 if ok else 1
 
 
