@@ -197,14 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"benchmarks.report: no benchmark results in {', '.join(args.results)} (pytest-benchmark "
                          "records none when every benchmark was skipped, deselected or run with --benchmark-disable)")
     text = markdown(data)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
-    else:
-        print(text)
-    if args.plot:
-        plot(data, args.plot)
-    if args.tuning_table:
-        print(f"{write_tuning_table(data, args.tuning_table)} backend entries written to {args.tuning_table}")
+    try:
+        if args.out:
+            pathlib.Path(args.out).write_text(text)
+        else:
+            print(text)
+        if args.plot:
+            plot(data, args.plot)
+        if args.tuning_table:
+            print(f"{write_tuning_table(data, args.tuning_table)} backend entries written to {args.tuning_table}")
+    except OSError as exc:        # a missing directory, no permission: which of the outputs, not a traceback
+        raise SystemExit(f"benchmarks.report: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}") \
+            from None
     return 0
 
 

@@ -124,3 +124,14 @@ def test_no_benchmarks_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no benchmark results in .*r.json"):
         report.main([str(path), "--plot", str(tmp_path / "p.png"), "--tuning-table", str(tmp_path / "t.json")])
     assert not (tmp_path / "p.png").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_unwritable_output_is_one_line_naming_it(tmp_path):
+    import pytest
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(fake_results()))
+    for option in ("--out", "--plot", "--tuning-table"):
+        target = tmp_path / "missing_dir" / "file"
+        with pytest.raises(SystemExit, match=f"cannot write {target}"):
+            report.main([str(path), option, str(target)])
