@@ -78,3 +78,28 @@ def test_aggregate(benchmark, measure, case, contender):
     measure(benchmark, step, bytes_moved=(2 * T * P + P) * G.element_size(),
             group=f"aggregate/{ids(case)}/float32", rounds=(1, 0) if slow else None, contender=contender,
             ours=contender != "libmtl_loop", graph=contender != "libmtl_loop")
+
+
+SOLVER_METHODS = ("mgda", "upgrad", "dualproj", "cagrad")
+
+
+@pytest.mark.parametrize("contender", ["auto", "tensor_program"] if DEVICE == "cuda" else ["auto"])
+@pytest.mark.parametrize("method", SOLVER_METHODS)
+@pytest.mark.parametrize("T", sorted({case[0] for case in aggregation_cases()}))
+def test_weights(benchmark, measure, monkeypatch, T, method, contender):
+    """The iterative weightings alone on a T×T Gramian: on CUDA "auto" is one Triton launch per solve
+    (mtl/triton_solvers.py), "tensor_program" the same solver as hundreds of small kernels a solve. Timed with
+    events, not a CUDA graph: a training step outside a graph pays every launch."""
+    from tsbn_kernels.mtl import solvers, weightings
+
+    g = torch.Generator(device="cpu").manual_seed(T)
+    rows = torch.randn(T, 256, generator=g) * torch.logspace(0, 1, T).unsqueeze(1)   # norms spread 1..10
+    M = (rows @ rows.T).to(DEVICE)
+    if contender == "tensor_program":
+        monkeypatch.setattr(solvers, "_fused_solver_applies", lambda *args: False)
+        monkeypatch.setattr(weightings, "_fused_cagrad_applies", lambda *args: False)
+
+    def step():
+        return mtl.weights(M, method)
+    measure(benchmark, step, bytes_moved=M.numel() * M.element_size(), group=f"weights/T{T}/float32",
+            contender=f"{method}_{contender}", ours=True, graph=False)
