@@ -609,11 +609,11 @@ def test_gradient_matrices_hold_the_widest_parameter_dtype():
     torch.testing.assert_close(G, want)
 
 
-def _scaled_step(method, one_backward, scaler, lr=0.1):
-    """One SGD step through backward_aggregated with ``scaler``; returns the parameters after it and the info."""
+def _scaled_backward(method, one_backward, scaler, target_scale=1.0):
+    """backward_aggregated with ``scaler`` on a fresh net; returns the net, its shared parameters and the info."""
     net, x, targets, shared = setup(seed=5)
+    targets = target_scale * targets
     heads = list(net.heads.parameters())
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
     if one_backward:
         with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
@@ -623,7 +623,13 @@ def _scaled_step(method, one_backward, scaler, lr=0.1):
     else:
         info = mtl.backward_aggregated(net.losses(x, targets), shared, method, task_params=heads,
                                        grad_scaler=scaler, **kwargs)
-    scaler.step(optimizer)
+    return net, shared, info
+
+
+def _scaled_step(method, one_backward, scaler):
+    """One SGD step through backward_aggregated with ``scaler``; returns the parameters after it and the info."""
+    net, _, info = _scaled_backward(method, one_backward, scaler)
+    scaler.step(torch.optim.SGD(net.parameters(), lr=0.1))
     scaler.update()
     return [p.detach().clone() for p in net.parameters()], info
 
@@ -647,21 +653,10 @@ def test_backward_aggregated_with_a_grad_scaler_takes_the_unscaled_step(method, 
 def test_backward_aggregated_with_a_grad_scaler_skips_an_overflowed_step(method, one_backward):
     # A scale at which the float32 gradients overflow: no exception from any weighting, a non-finite .grad, and
     # the scaler skips the step (parameters unchanged) and halves the scale.
-    net, x, targets, shared = setup(seed=5)
-    targets = 100 * targets
-    heads = list(net.heads.parameters())
-    before = [p.detach().clone() for p in net.parameters()]
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
-    kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
-    if one_backward:
-        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
-            losses = net.losses(x, targets)
-        info = mtl.backward_aggregated(losses, method=method, capture=capture, task_params=heads,
-                                       grad_scaler=scaler, **kwargs)
-    else:
-        info = mtl.backward_aggregated(net.losses(x, targets), shared, method, task_params=heads,
-                                       grad_scaler=scaler, **kwargs)
+    before = [p.detach().clone() for p in setup(seed=5)[0].parameters()]
+    net, shared, info = _scaled_backward(method, one_backward, scaler, target_scale=100.0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     assert not all(bool(torch.isfinite(p.grad).all()) for p in shared)
     assert bool(torch.isfinite(info["losses"]).all())
     scaler.step(optimizer)

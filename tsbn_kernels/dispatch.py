@@ -106,20 +106,16 @@ def resolve(backend: str, device: torch.device, op: str, x: torch.Tensor | None 
     when a tuning table covers it; otherwise the first of ``AUTO_ORDER``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if _under_torch_func():
-        # The fused ops are custom ops with autograd formulas but no functorch rules; the reference is plain
-        # PyTorch, which every transform supports.
+    # The fused ops are custom ops with autograd formulas but no functorch or jvp rules (a fused op would drop the
+    # tangents of dual tensors and return a plain output, silently); the reference is plain PyTorch, which every
+    # transform supports.
+    transform = ("inside a torch.func transform (vmap, grad, jacrev, ...)", "functorch") if _under_torch_func() \
+        else ("under forward-mode AD (torch.autograd.forward_ad.dual_level)", "jvp") if _under_forward_ad() else None
+    if transform is not None:
         if backend not in ("auto", "eager"):
-            raise ValueError(f"backend {backend!r} cannot run {op} inside a torch.func transform (vmap, grad, "
-                             "jacrev, ...): its kernels have no functorch rules. Use backend='auto', which runs "
-                             "the eager reference there, or backend='eager'")
-        return "eager", _registry["eager"].ops[op]
-    if _under_forward_ad():
-        # Nor jvp rules: a fused op drops the tangents of dual tensors and returns a plain output, silently.
-        if backend not in ("auto", "eager"):
-            raise ValueError(f"backend {backend!r} cannot run {op} under forward-mode AD "
-                             "(torch.autograd.forward_ad.dual_level): its kernels have no jvp rules. Use "
-                             "backend='auto', which runs the eager reference there, or backend='eager'")
+            raise ValueError(f"backend {backend!r} cannot run {op} {transform[0]}: its kernels have no "
+                             f"{transform[1]} rules. Use backend='auto', which runs the eager reference there, or "
+                             "backend='eager'")
         return "eager", _registry["eager"].ops[op]
     if _in_onnx_export():
         # ONNX has no counterpart of the fused ops; the reference is plain PyTorch (in eval: a few elementwise ops),
