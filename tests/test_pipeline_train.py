@@ -135,6 +135,10 @@ def test_tsbn_analyze_reads_a_training_run(tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["task_names"] == ["segmentation", "depth", "normal"] and len(summary["gradient_cosine"]) == 3
     assert "Gate trajectories" in (tmp_path / "analysis" / "report.html").read_text()
+    # The run's checkpoint file itself: the training record beside it is read too.
+    assert analysis.main([str(tmp_path / "checkpoint.pt")]) == 0
+    from_file = json.loads((tmp_path / "checkpoint_analysis" / "summary.json").read_text())
+    assert from_file["gradient_cosine"] == summary["gradient_cosine"]
 
 
 def test_resume_may_add_or_drop_the_baseline(tmp_path):

@@ -36,6 +36,17 @@ def _load_state(path: pathlib.Path) -> tuple[dict, dict]:
     raise SystemExit(f"tsbn-analyze: {path} holds neither a state_dict nor a dict with a 'model' state_dict")
 
 
+def _load_run_record(run_dir: pathlib.Path) -> dict | None:
+    record_path = run_dir / "analysis" / "record.npz"
+    if not record_path.exists():
+        return None
+    try:
+        return load_record(record_path)
+    except Exception as exc:  # noqa: BLE001 - np.load raises anything from ValueError to BadZipFile
+        raise SystemExit(f"tsbn-analyze: cannot read the training record {record_path}: {exc}; move it "
+                         "away to analyse the checkpoint alone") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tsbn-analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,18 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                 config = json.loads(config_path.read_text())
             except (OSError, ValueError) as exc:
                 raise SystemExit(f"tsbn-analyze: cannot read {config_path}: {exc}") from None
-        record_path = args.path / "analysis" / "record.npz"
-        if record_path.exists():
-            try:
-                record = load_record(record_path)
-            except Exception as exc:  # noqa: BLE001 - np.load raises anything from ValueError to BadZipFile
-                raise SystemExit(f"tsbn-analyze: cannot read the training record {record_path}: {exc}; move it "
-                                 "away to analyse the checkpoint alone") from None
+        record = _load_run_record(args.path)
         out = args.out or args.path / "analysis"
     else:
         # Without the run's norm and num_tasks, a TSBN (gate="none") checkpoint would be read as sigmoid gates
         # and the TS layer norms of a ViT (no buffers) would not be found.
         state, config = _load_state(args.path)
+        if args.path.name == "checkpoint.pt":     # a run's own checkpoint: its training record is beside it
+            record = _load_run_record(args.path.parent)
         out = args.out or args.path.parent / f"{args.path.stem}_analysis"
     if config.get("norm") == "bn":
         raise SystemExit(f"tsbn-analyze: {args.path} was trained with --norm bn (hard sharing): it has no "
