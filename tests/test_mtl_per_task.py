@@ -290,7 +290,7 @@ def test_one_backward_refuses_what_it_cannot_split_by_task():
 @pytest.mark.parametrize("one_backward", [True, False])
 def test_backward_aggregated_leaves_aggregate_in_grad(method, one_backward):
     net, x, targets, shared = setup(dtype=torch.float64)
-    heads = list(net.heads.parameters())
+    heads = [*net.heads.parameters(), *net.bn1.parameters(), *net.bn2.parameters()]   # task-specific
     G = mtl.autograd_gradients(net.losses(x, targets), shared)
     kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
     want = mtl.aggregate(G, method, **kwargs)
@@ -613,7 +613,7 @@ def _scaled_backward(method, one_backward, scaler, target_scale=1.0):
     """backward_aggregated with ``scaler`` on a fresh net; returns the net, its shared parameters and the info."""
     net, x, targets, shared = setup(seed=5)
     targets = target_scale * targets
-    heads = list(net.heads.parameters())
+    heads = [*net.heads.parameters(), *net.bn1.parameters(), *net.bn2.parameters()]   # task-specific
     kwargs = {"generator": torch.Generator().manual_seed(3)} if method == "pcgrad" else {}
     if one_backward:
         with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
@@ -667,3 +667,27 @@ def test_backward_aggregated_with_a_grad_scaler_skips_an_overflowed_step(method,
         from tsbn_kernels.mtl.per_task_grads import _split_checked
 
         assert net not in _split_checked
+
+
+def test_backward_aggregated_gives_every_parameter_a_gradient():
+    """task_params=None with a capture: every trainable parameter not split by task gets its plain gradient (as
+    from backward()); an explicit list that leaves out one the losses reach (here the task-specific norms'
+    weights) is refused by name, and so is a layer OneBackward cannot split in modules= — they used to get no
+    gradient and stay as they were, without a word."""
+    net, x, targets, shared = setup(seed=1, dtype=torch.float64)
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        losses = net.losses(x, targets)
+    mtl.backward_aggregated(losses, method="mean", capture=capture)
+    got = {name: p.grad.clone() for name, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    net.losses(x, targets).sum().backward()
+    for name, p in net.named_parameters():
+        if all(p is not s for s in shared):
+            torch.testing.assert_close(got[name], p.grad, msg=name)
+    net2, x, targets, _ = setup(seed=2, dtype=torch.float64)       # a model not checked yet
+    with mtl.OneBackward(net2, T, modules=[net2.conv1, net2.conv2, net2.fc]) as capture:
+        losses = net2.losses(x, targets)
+    with pytest.raises(ValueError, match=r"\['bn1.weight', 'bn2.weight'\] reach the losses"):
+        mtl.backward_aggregated(losses, method="mean", capture=capture, task_params=list(net2.heads.parameters()))
+    with pytest.raises(ValueError, match=r"modules= holds \['ConvTranspose2d'\]"):
+        mtl.OneBackward(net2, T, modules=[net2.conv1, nn.ConvTranspose2d(8, 8, 2)])

@@ -26,6 +26,7 @@ from ..context import current_task_ids
 from ..modules import TSLayerNorm, _TSBatchNorm
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LOOKALIKES = (nn.modules.conv._ConvNd, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)
 
 
 def _weight_grad_fn(conv: nn.Module):
@@ -111,7 +112,16 @@ class OneBackward:
     def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None,
                  before_replication: Iterable[Tensor] = ()):
         self.num_tasks = num_tasks
-        candidates = modules if modules is not None else model.modules()
+        candidates = list(modules) if modules is not None else list(model.modules())
+        if modules is not None:
+            # Layers of the kinds it splits' families that it does not (transposed convolutions, embeddings):
+            # listed, they were dropped silently. Containers and norms in the list stay harmless.
+            unsplittable = [m for m in candidates if isinstance(m, _LOOKALIKES) and not isinstance(m, _SUPPORTED)]
+            if unsplittable:
+                raise ValueError(f"OneBackward splits nn.Linear and nn.Conv1d/2d/3d weight gradients by task; "
+                                 f"modules= holds {[type(m).__name__ for m in unsplittable]}, which it cannot "
+                                 "split (their gradients would be missing): leave them out and pass their "
+                                 "parameters as task_params if task-specific, or use mtl.autograd_gradients")
         self.modules = unique(m for m in candidates                       # each once: a hook per call site
                               if isinstance(m, _SUPPORTED) and m.weight.requires_grad)
         for m in self.modules:
@@ -129,7 +139,7 @@ class OneBackward:
         # (replicated tensor's gradient edge, its rows, records before it)
         self._replications: list[tuple[torch.autograd.graph.GradientEdge, int, int]] = []
         self._tolerance = 0.0           # of the split check, from the precision the recorded layers ran in
-        self._model = model
+        self.model = model
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -265,8 +275,11 @@ class OneBackward:
         sizes = validation._checked_counts.get(ids, self.num_tasks)
         return sizes if sizes is not None else tuple(reference.samples_per_task(ids, self.num_tasks).tolist())
 
-    def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = ()
-                  ) -> tuple[Tensor, list[Tensor | None]]:
+    def gradients(self, losses: Tensor | Sequence[Tensor], other_params: Sequence[Tensor] = (), *,
+                  every_parameter: bool = False) -> tuple[Tensor, list[Tensor | None]]:
+        """(G [T, P] of ``params``, the plain gradients of the summed losses for ``other_params``) from one
+        backward. ``every_parameter``: also refuse (once per model) a trainable parameter of the model that the
+        losses reach and that is in neither — backward_aggregated's step would give it no gradient."""
         losses = _stack_losses(losses)
         if losses.shape[0] != self.num_tasks:
             raise ValueError(f"got {losses.shape[0]} losses for {self.num_tasks} tasks")
@@ -291,8 +304,14 @@ class OneBackward:
         recorded = {id(m) for m, _, _ in self._records}
         unrecorded = [p for m in self.modules if id(m) not in recorded for p in (m.weight, m.bias)
                       if p is not None and p.requires_grad]
-        check = self._model not in _split_checked
-        inputs = edges + other_params + unrecorded + replicated
+        check = self.model not in _split_checked
+        # every_parameter (a training step that gives every parameter its gradient), once per model with the split
+        # check: a trainable parameter the losses reach that is neither split here nor one of other_params would
+        # get no gradient at all, and the step would leave it as it is without a word.
+        known = {id(p) for p in (*self.params, *other_params, *unrecorded)}
+        unassigned = [(name, p) for name, p in self.model.named_parameters()
+                      if every_parameter and check and p.requires_grad and id(p) not in known]
+        inputs = edges + other_params + unrecorded + [p for _, p in unassigned] + replicated
         try:
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=bool(pre_params) or check)
         except RuntimeError as exc:
@@ -303,12 +322,20 @@ class OneBackward:
             warnings.warn("OneBackward cannot check its per-task split against a second backward of this model: "
                           "its compiled backward donates buffers (torch._functorch.config.donated_buffer = False "
                           "allows the check)", stacklevel=2)
-            _split_checked.add(self._model)
+            _split_checked.add(self.model)
             check = False
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
         out_grads = grads[:len(edges)]
         other_grads = list(grads[len(edges):len(edges) + len(other_params)])
-        unrecorded_grads = grads[len(edges) + len(other_params):len(grads) - len(replicated)]
+        unrecorded_grads = grads[len(edges) + len(other_params):len(edges) + len(other_params) + len(unrecorded)]
+        reached = [name for (name, _), g in zip(unassigned, grads[len(grads) - len(replicated) - len(unassigned):])
+                   if g is not None]
+        if reached:
+            raise ValueError(f"parameters {reached} reach the losses but are neither split by task here (their layers "
+                             "are not among the captured modules, or are of a kind OneBackward cannot split) nor "
+                             "passed as other/task parameters: they would get no gradient. Pass the task-specific "
+                             "ones (heads, task-specific norm weights) as task_params, capture the shared layers, or "
+                             "set requires_grad=False on what is frozen")
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
                 raise ValueError(f"{self._owner_name(p)}'s parameters got a gradient but its forward was never "
@@ -395,7 +422,7 @@ class OneBackward:
                                  "output feed other tasks' losses than the rows' own (something mixes samples of "
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
                                  "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
-        _split_checked.add(self._model)
+        _split_checked.add(self.model)
 
 
 # Per-block weight-gradient work (multiply-adds) from which one convolution per block beats one grouped convolution

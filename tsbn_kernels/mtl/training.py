@@ -11,16 +11,20 @@ from .per_task_grads import OneBackward, _stack_losses, autograd_gradients, uniq
 
 
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
-                        method: str = "mean", *, task_params: Sequence[Tensor] = (), capture: OneBackward | None = None,
-                        loss_weights: Tensor | None = None, check_finite: bool = True, backend: str = "auto",
-                        distributed: bool = False, process_group=None, grad_scaler=None, **method_kwargs) -> dict:
+                        method: str = "mean", *, task_params: Sequence[Tensor] | None = None,
+                        capture: OneBackward | None = None, loss_weights: Tensor | None = None,
+                        check_finite: bool = True, backend: str = "auto", distributed: bool = False,
+                        process_group=None, grad_scaler=None, **method_kwargs) -> dict:
     """Like ``sum(losses).backward()``, but the shared parameters receive the aggregation of the per-task
     gradients (``method`` of tsbn_kernels.mtl) instead of their sum.
 
     Per-task gradients come from one backward when ``capture`` (a OneBackward used around the forward) is
     given — its ``params`` are then the shared parameters — else from T autograd passes over
     ``shared_params``. ``task_params`` (heads, task-specific norms) get their ordinary gradient of
-    Σ_t loss_weights[t]·losses[t]. Gradients accumulate into .grad, as backward() does.
+    Σ_t loss_weights[t]·losses[t]; None: with a capture, every other trainable parameter of its model (so that
+    each parameter gets a gradient, as from backward()), else none. With a capture, a trainable parameter the losses
+    reach that is neither shared nor in ``task_params`` raises a ValueError (checked once per model): it would
+    get no gradient. Gradients accumulate into .grad, as backward() does.
     Returns {"weights": w [T], "gramian": M [T, T], "grad_norms": |g_t| [T], "losses": [T]} for logging and
     GradNorm: g_t is the gradient of the weighted loss loss_weights[t]·L_t, "losses" the unweighted L_t.
 
@@ -59,18 +63,21 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
         losses = losses.to(torch.promote_types(losses.dtype, torch.float32)) * scale
     # Each parameter once (a tied or repeated one would get its gradient twice and count twice in the Gramian),
     # and never both shared and task-specific (it would get the aggregate and the plain gradient on top).
-    task_params = unique(task_params)
     if capture is None and not shared_params:
         raise ValueError("pass shared_params, or a OneBackward capture of the forward")
     shared = capture.params if capture is not None else unique(shared_params)
     shared_ids = {id(p) for p in shared}
+    if task_params is None:
+        task_params = [] if capture is None else [p for p in capture.model.parameters()
+                                                  if p.requires_grad and id(p) not in shared_ids]
+    task_params = unique(task_params)
     both = [i for i, p in enumerate(task_params) if id(p) in shared_ids]
     if both:
         raise ValueError(f"task_params {both} (by position) are also shared parameters"
                          f"{' of the OneBackward capture' if capture is not None else ''}; a parameter is either "
                          "aggregated across tasks or given its plain gradient, not both")
     if capture is not None:
-        G, task_grads = capture.gradients(losses, task_params)
+        G, task_grads = capture.gradients(losses, task_params, every_parameter=True)
     else:
         G = autograd_gradients(losses, shared)
         task_grads = (list(torch.autograd.grad(losses.sum(), task_params, allow_unused=True))
