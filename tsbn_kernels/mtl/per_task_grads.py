@@ -408,6 +408,8 @@ class OneBackward:
         largest = max(terms, default=0.0)
         if not all(map(math.isfinite, terms)) or any(w is not None and not bool(torch.isfinite(w).all()) for w in want):
             return   # an overflowed step (float16 under a loss scale) says nothing; the next one is checked
+        if largest == 0.0 and all(w is None or not bool(w.any()) for w in want):
+            return   # no gradient at all (zero-initialised heads): nothing was compared, so the next step is checked
         for p, g, w, size in zip(self.params, columns, want, terms):
             got = c.to(G.dtype) @ g
             w = torch.zeros_like(got) if w is None else w.reshape(-1).to(got.dtype)
