@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tsbn_kernels as tk
@@ -54,3 +55,47 @@ def test_split_check_is_not_spent_on_a_step_without_gradients():
         losses = _block_losses(net(x))
     with pytest.raises(ValueError, match="per-task gradients of conv do not split by task"):
         capture.gradients(losses, list(net.head.parameters()))
+
+
+class _PosTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.pos = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = mtl.replicate(self.stem(x) + self.pos, T)
+        return F.relu(self.bn(self.conv(h))) * self.pos.sigmoid()
+
+
+def test_refusal_of_a_parameter_used_before_and_after_replicate_names_it():
+    net = tk.convert_batchnorm(_PosTwice(), T)
+    with mtl.OneBackward(net, T, before_replication=[net.pos]) as capture:
+        losses = _block_losses(net(torch.randn(N, 3, 5, 5)))
+    with pytest.raises(ValueError, match=r"reaches the losses another way \(pos, shape"):
+        capture.gradients(losses, [net.bn.weight])
+
+
+class _Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.teacher = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.teacher(x)
+        return self.bn(self.conv(x)) - target
+
+
+def test_refusal_of_a_layer_run_under_no_grad_says_how_to_leave_it_out():
+    net = tk.convert_batchnorm(_Teacher(), T)
+    with pytest.raises(ValueError, match=r"output of teacher does not require grad.*leave it out of `modules=`"):
+        with mtl.OneBackward(net, T):
+            net(torch.randn(T * N, 3, 5, 5))
+    with mtl.OneBackward(net, T, modules=[net.conv]) as capture:
+        losses = _block_losses(net(torch.randn(T * N, 3, 5, 5)))
+    capture.gradients(losses, [net.bn.weight])

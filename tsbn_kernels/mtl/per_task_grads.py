@@ -202,7 +202,9 @@ class OneBackward:
         if not output.requires_grad:
             raise ValueError(f"the output of {self._name(module)} does not require grad; OneBackward needs the "
                              "shared layers to be trainable and their forward recorded by autograd (not under "
-                             "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False)")
+                             "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False); "
+                             "a layer run under torch.no_grad on purpose (a frozen teacher) does not belong in the "
+                             "capture: leave it out of `modules=` or set its requires_grad=False")
         self._note_precision(output)
         self._records.append((module, inputs[0].detach(), torch.autograd.graph.get_gradient_edge(output)))
 
@@ -417,9 +419,10 @@ class OneBackward:
                 continue
             if float((got - w).norm()) > self._tolerance * max(size, float(w.norm())):
                 if id(p) in before_replication:
+                    name = next((n for n, q in self.model.named_parameters() if q is p), "outside the model")
                     raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
-                                     f"(shape {tuple(p.shape)}): its gradient does not split by task block; use "
-                                     "the replicated tensor alone after mtl.replicate")
+                                     f"({name}, shape {tuple(p.shape)}): its gradient does not split by task "
+                                     "block; use the replicated tensor alone after mtl.replicate")
                 raise ValueError(f"the per-task gradients of {self._owner_name(p)} do not split by task: rows of its "
                                  "output feed other tasks' losses than the rows' own (something mixes samples of "
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
