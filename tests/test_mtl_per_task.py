@@ -691,3 +691,33 @@ def test_backward_aggregated_gives_every_parameter_a_gradient():
         mtl.backward_aggregated(losses, method="mean", capture=capture, task_params=list(net2.heads.parameters()))
     with pytest.raises(ValueError, match=r"modules= holds \['ConvTranspose2d'\]"):
         mtl.OneBackward(net2, T, modules=[net2.conv1, nn.ConvTranspose2d(8, 8, 2)])
+
+
+class NetWithAnUnusedBranch(Net):
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(6, 4)
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.aux(out.detach())          # runs on the replicated batch, feeds no loss
+        return out
+
+
+@pytest.mark.parametrize("one_backward", [True, False])
+def test_a_shared_layer_no_loss_reaches_keeps_no_grad(one_backward):
+    """As after backward(): a shared layer whose output feeds no loss keeps .grad None, not zeros (with zeros,
+    weight decay and momentum would still move it)."""
+    torch.manual_seed(0)
+    net = NetWithAnUnusedBranch().double()
+    x, targets = torch.randn(N, 3, 9, 9, dtype=torch.float64), torch.randn(T, N, dtype=torch.float64)
+    shared = [p for m in (net.conv1, net.conv2, net.fc, net.aux) for p in m.parameters()]
+    if one_backward:
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc, net.aux]) as capture:
+            losses = net.losses(x, targets)
+        mtl.backward_aggregated(losses, method="upgrad", capture=capture)
+    else:
+        mtl.backward_aggregated(net.losses(x, targets), shared, "upgrad",
+                                task_params=[*net.heads.parameters(), *net.bn1.parameters(), *net.bn2.parameters()])
+    assert net.aux.weight.grad is None and net.aux.bias.grad is None
+    assert all(p.grad is not None for p in shared[:-2])

@@ -68,19 +68,26 @@ def _stack_losses(losses: Tensor | Sequence[Tensor]) -> Tensor:
 
 def autograd_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
     """G [T, P] by T autograd passes (any model). P = the params' numels, concatenated in order."""
+    return _autograd_gradients(losses, params)[0]
+
+
+def _autograd_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> tuple[Tensor, set[int]]:
+    """(G, the ids of the params any loss reaches)."""
     losses = _stack_losses(losses)
     params = list(params)
     total = sum(p.numel() for p in params)
     dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
     G = torch.zeros(losses.shape[0], total, dtype=dtype, device=params[0].device)
+    reached = set()
     for t in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
         offset = 0
         for p, g in zip(params, grads):
             if g is not None:
                 G[t, offset:offset + p.numel()] = g.reshape(-1)
+                reached.add(id(p))
             offset += p.numel()
-    return G
+    return G, reached
 
 
 class OneBackward:
@@ -149,6 +156,7 @@ class OneBackward:
         self._norm_calls: list[tuple[nn.Module, int, Tensor | None]] = []
         self._batch_stat_calls: list[tuple[nn.Module, int]] = []
         self._handles = []
+        self.reached: set[int] = set()  # ids of the params the last gradients() found the losses to reach
 
     def _reset(self) -> None:
         """Forget what a forward recorded."""
@@ -330,11 +338,12 @@ class OneBackward:
         out_grads = grads[:len(edges)]
         other_grads = list(grads[len(edges):len(edges) + len(other_params)])
         unrecorded_grads = grads[len(edges) + len(other_params):len(edges) + len(other_params) + len(unrecorded)]
-        reached = [name for (name, _), g in zip(unassigned, grads[len(grads) - len(replicated) - len(unassigned):])
-                   if g is not None]
-        if reached:
-            raise ValueError(f"parameters {reached} reach the losses but are neither split by task here (their layers "
-                             "are not among the captured modules, or are of a kind OneBackward cannot split) nor "
+        unassigned_reached = [name for (name, _), g in
+                              zip(unassigned, grads[len(grads) - len(replicated) - len(unassigned):]) if g is not None]
+        if unassigned_reached:
+            raise ValueError(f"parameters {unassigned_reached} reach the losses but are neither split by task here "
+                             "(their layers are not among the captured modules, or are of a kind OneBackward cannot "
+                             "split) nor "
                              "passed as other/task parameters: they would get no gradient. Pass the task-specific "
                              "ones (heads, task-specific norm weights) as task_params, capture the shared layers, or "
                              "set requires_grad=False on what is frozen")
@@ -352,9 +361,13 @@ class OneBackward:
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.params))
         G = torch.zeros(self.num_tasks, offset, dtype=dtype, device=self.params[0].device)
         orders: dict[int, tuple[Tensor, list[int]]] = {}
+        # Which params the losses reach (as backward() would give them a .grad at all): of a layer whose output
+        # feeds no loss, the zero columns of G are no gradient.
+        self.reached = set()
         for (module, x, _), dy in zip(records, out_grads):
             if dy is None:
                 continue
+            self.reached.update(id(q) for q in (module.weight, module.bias) if q is not None)
             if ids is None:
                 weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
             else:
@@ -389,6 +402,7 @@ class OneBackward:
             for p, g in zip(params, torch.autograd.grad(replicated, params, block, allow_unused=True,
                                                         retain_graph=retain_graph or t < T - 1)):
                 if g is not None:
+                    self.reached.add(id(p))
                     start, size = layout[id(p)]
                     G[t, start:start + size] += g.reshape(-1).to(G.dtype)
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .gramian import combine, gramian
-from .per_task_grads import OneBackward, _stack_losses, autograd_gradients, unique
+from .per_task_grads import OneBackward, _autograd_gradients, _stack_losses, unique
 
 
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
@@ -78,8 +78,9 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
                          "aggregated across tasks or given its plain gradient, not both")
     if capture is not None:
         G, task_grads = capture.gradients(losses, task_params, every_parameter=True)
+        reached = capture.reached
     else:
-        G = autograd_gradients(losses, shared)
+        G, reached = _autograd_gradients(losses, shared)
         task_grads = (list(torch.autograd.grad(losses.sum(), task_params, allow_unused=True))
                       if task_params else [])
     if distributed:
@@ -96,8 +97,9 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
         direction = direction * scale.to(direction.dtype)
     offset = 0
     for p in shared:
-        g = direction[offset:offset + p.numel()].view_as(p).to(p.dtype)
-        p.grad = g.clone() if p.grad is None else p.grad + g
+        if id(p) in reached:   # one no loss reaches keeps its .grad (None), as after backward()
+            g = direction[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad + g
         offset += p.numel()
     for p, g in zip(task_params, task_grads):
         if g is not None:
