@@ -90,14 +90,14 @@ def test_weights(benchmark, measure, monkeypatch, T, method, contender):
     """The iterative weightings alone on a T×T Gramian: on CUDA "auto" is one Triton launch per solve
     (mtl/triton_solvers.py), "tensor_program" the same solver as hundreds of small kernels a solve. Timed with
     events, not a CUDA graph: a training step outside a graph pays every launch."""
-    from tsbn_kernels.mtl import solvers, weightings
-
     g = torch.Generator(device="cpu").manual_seed(T)
     rows = torch.randn(T, 256, generator=g) * torch.logspace(0, 1, T).unsqueeze(1)   # norms spread 1..10
     M = (rows @ rows.T).to(DEVICE)
     if contender == "tensor_program":
-        monkeypatch.setattr(solvers, "_fused_solver_applies", lambda *args: False)
-        monkeypatch.setattr(weightings, "_fused_cagrad_applies", lambda *args: False)
+        from tsbn_kernels.mtl import triton_solvers
+
+        monkeypatch.setattr(triton_solvers, "applies", lambda *args: False)
+        monkeypatch.setattr(triton_solvers, "cagrad_applies", lambda *args: False)
 
     def step():
         return mtl.weights(M, method)

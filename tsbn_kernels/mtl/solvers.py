@@ -69,16 +69,11 @@ def min_quadratic(M: Tensor, start: Tensor, *, simplex: bool, iterations: int = 
     ``fused``: one Triton launch for the whole solve (triton_solvers; None: on CUDA where it applies and no
     graph through M is being recorded), else the tensor program below.
     """
-    if fused is None:
-        fused = M.is_cuda and not (torch.is_grad_enabled() and M.requires_grad) and _fused_solver_applies(M, simplex)
-    if fused:
-        from . import triton_solvers
-
-        if not triton_solvers.applies(M, simplex):
-            raise ValueError(f"the fused solver holds at most {triton_solvers.MAX_TASKS} tasks in float32/float64 "
-                             f"({triton_solvers.MAX_TASKS_FLOAT64_SIMPLEX} on the float64 simplex); got "
-                             f"{M.shape[0]} in {M.dtype}")
-        return triton_solvers.min_quadratic(M, start, simplex, iterations, POWER_ITERATIONS)
+    one_launch = fused_solvers(M, fused, lambda ts: ts.applies(M, simplex),
+                               lambda ts: f"solver holds at most {ts.MAX_TASKS} tasks in float32/float64 "
+                                          f"({ts.MAX_TASKS_FLOAT64_SIMPLEX} on the float64 simplex)")
+    if one_launch is not None:
+        return one_launch.min_quadratic(M, start, simplex, iterations, POWER_ITERATIONS)
     d = jacobi_scale(M)
     scaled = M / (d.unsqueeze(0) * d.unsqueeze(1))
     start = start * d
@@ -103,12 +98,27 @@ def min_quadratic(M: Tensor, start: Tensor, *, simplex: bool, iterations: int = 
     return x / d
 
 
-def _fused_solver_applies(M: Tensor, simplex: bool) -> bool:
+def fused_solvers(M: Tensor, fused: bool | None, applies, limits):
+    """The triton_solvers module when a solve on M is to take its one-launch form, else None. ``applies(module)``
+    says whether that form takes M, ``limits(module)`` what it takes (for the error). fused=None: on CUDA where it
+    applies and no graph through M is being recorded (autograd needs the tensor program); True: it must apply
+    (ValueError otherwise); False: never."""
+    if fused is None:
+        if not M.is_cuda or (torch.is_grad_enabled() and M.requires_grad):
+            return None
+    elif not fused:
+        return None
     try:
         from . import triton_solvers
     except ImportError:
-        return False
-    return triton_solvers.applies(M, simplex)
+        if fused:
+            raise
+        return None
+    if applies(triton_solvers):
+        return triton_solvers
+    if fused:
+        raise ValueError(f"the fused {limits(triton_solvers)}; got {M.shape[0]} in {M.dtype}")
+    return None
 
 
 def minimize_on_simplex(objective, gradient, start: Tensor, iterations: int = 300, scale: Tensor | None = None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .solvers import jacobi_scale, min_quadratic, minimize_on_simplex, symmetric_eigh
+from .solvers import fused_solvers, jacobi_scale, min_quadratic, minimize_on_simplex, symmetric_eigh
 
 
 def _tiny(M: Tensor) -> float:
@@ -75,16 +75,11 @@ def cagrad(M: Tensor, c: float = 0.5, rescale: bool = True, iterations: int = 30
            ) -> Tensor:
     """``fused``: the whole weighting in one Triton launch (triton_solvers.cagrad; None: on CUDA where it applies
     and no graph through M is being recorded), else the tensor program below, ~20 small kernels a step."""
-    if fused is None:
-        fused = M.is_cuda and not (torch.is_grad_enabled() and M.requires_grad) and _fused_cagrad_applies(M)
-    if fused:
-        from . import triton_solvers
-
-        if not triton_solvers.cagrad_applies(M):
-            raise ValueError(f"the fused cagrad holds at most {triton_solvers.MAX_TASKS} tasks in float32 "
-                             f"({triton_solvers.MAX_TASKS_FLOAT64_CAGRAD} in float64); got {M.shape[0]} in "
-                             f"{M.dtype}")
-        return triton_solvers.cagrad(M, c, rescale, iterations)
+    one_launch = fused_solvers(M, fused, lambda ts: ts.cagrad_applies(M),
+                               lambda ts: f"cagrad holds at most {ts.MAX_TASKS} tasks in float32 "
+                                          f"({ts.MAX_TASKS_FLOAT64_CAGRAD} in float64)")
+    if one_launch is not None:
+        return one_launch.cagrad(M, c, rescale, iterations)
     b = mean(M)
     g0_norm = (M.mean() + 1e-8).sqrt()
     radius = c * g0_norm + 1e-8
@@ -100,14 +95,6 @@ def cagrad(M: Tensor, c: float = 0.5, rescale: bool = True, iterations: int = 30
     gw_norm = (x @ M @ x).clamp_min(0).sqrt()
     w = b + (radius / (gw_norm + 1e-8)) * x
     return w / (1 + c * c) if rescale else w
-
-
-def _fused_cagrad_applies(M: Tensor) -> bool:
-    try:
-        from . import triton_solvers
-    except ImportError:
-        return False
-    return triton_solvers.cagrad_applies(M)
 
 
 def imtl_g(M: Tensor) -> Tensor:
