@@ -343,10 +343,9 @@ class OneBackward:
         if unassigned_reached:
             raise ValueError(f"parameters {unassigned_reached} reach the losses but are neither split by task here "
                              "(their layers are not among the captured modules, or are of a kind OneBackward cannot "
-                             "split) nor "
-                             "passed as other/task parameters: they would get no gradient. Pass the task-specific "
-                             "ones (heads, task-specific norm weights) as task_params, capture the shared layers, or "
-                             "set requires_grad=False on what is frozen")
+                             "split) nor passed as other/task parameters: they would get no gradient. Pass the "
+                             "task-specific ones (heads, task-specific norm weights) as task_params, capture the "
+                             "shared layers, or set requires_grad=False on what is frozen")
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
                 raise ValueError(f"{self._owner_name(p)}'s parameters got a gradient but its forward was never "
