@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .dense_data import image_size
 from .errors import DatasetError
 
 ATTRIBUTES = (
@@ -40,8 +41,7 @@ class CelebA(torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, split: str = "train", size: int | tuple[int, int] = 64):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-        height, width = (size, size) if np.ndim(size) == 0 else size
-        self.root, self.size = pathlib.Path(root), (int(height), int(width))
+        self.root, self.size = pathlib.Path(root), image_size(size, "CelebA")
         attr_lines = _read_lines(self.root / "list_attr_celeba.txt")
         if len(attr_lines) < 2 or len(attr_lines[1].split()) != 40:
             raise DatasetError(f"corrupt CelebA file {self.root / 'list_attr_celeba.txt'}: line 2 must name the 40 "

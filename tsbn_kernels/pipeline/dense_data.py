@@ -141,6 +141,14 @@ def random_scale_flip(sample: dict[str, Tensor], generator: torch.Generator | No
     return out
 
 
+def image_size(size: int | tuple[int, int], dataset: str) -> tuple[int, int]:
+    """(H, W) of a loader's ``size``: an int is a square."""
+    height, width = (size, size) if np.ndim(size) == 0 else size
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"{dataset}: size must be positive, got {size}")
+    return int(height), int(width)
+
+
 def synthesize(spec: DenseSpec | str, root: str | os.PathLike, n: int, split: str = "train", seed: int = 0,
                size: tuple[int, int] | None = None) -> pathlib.Path:
     """Write ``n`` learnable scenes in the real on-disk format: a floor and walls (planes) with boxes in front;

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .dense_data import sample_generator
+from .dense_data import image_size, sample_generator
 from .errors import DatasetError
 
 TASKS = ("segmentation", "human_parts", "saliency", "normal", "edge")
@@ -143,7 +143,7 @@ class PascalContext(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", size: int | tuple[int, int] = 512,
                  augment: bool = False, seed: int = 0, normals_valid_classes: set[int] | None = None):
-        self.root, self.size, self.augment = pathlib.Path(root), _pair(size), augment
+        self.root, self.size, self.augment = pathlib.Path(root), image_size(size, "PASCAL-Context"), augment
         self.seed, self.epoch = seed, 0
         self.normals_valid_classes = None if normals_valid_classes is None else set(normals_valid_classes)
         listing = self.root / "ImageSets" / "Context" / f"{split}.txt"
@@ -242,19 +242,12 @@ def _resize(key: str, value: Tensor, size: tuple[int, int]) -> Tensor:
 PAD = {"image": 0.0, "segmentation": -1, "human_parts": -1, "label_map": -1, "normal": 0.0, "saliency": 0.0}
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    height, width = (size, size) if np.ndim(size) == 0 else size
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"PASCAL-Context: size must be positive, got {size}")
-    return int(height), int(width)
-
-
 def random_scale_crop(sample: dict[str, Tensor], size: int | tuple[int, int],
                       generator: torch.Generator | None) -> dict[str, Tensor]:
     """Resize every map to H×W (``size``; an int: square); with a generator, to H·s×W·s for a random s in
     [0.75, 1.25], then a random H×W window (s > 1) or the map at a random place on an H×W canvas of ``PAD``
     (s < 1)."""
-    height, width = _pair(size)
+    height, width = image_size(size, "PASCAL-Context")
     scale = 1.0 if generator is None else 0.75 + 0.5 * float(torch.rand(1, generator=generator))
     scaled = (max(1, round(height * scale)), max(1, round(width * scale)))
     out = {key: _resize(key, value, scaled) for key, value in sample.items()}
