@@ -12,7 +12,7 @@ both peak memories. Exit status 1 when the loss or the parameters differ beyond 
 Each step starts the fused model from the eager run's state (parameters and running statistics), so a difference
 is that step's own. Two runs left to themselves part however exact the kernels are: training a small-batch BN
 net is so sensitive to its state that a 1e-15 relative perturbation of an eager run grows ~1000× a step against
-the unperturbed one (1e-2 after five NYUv2 steps here). ``--independent`` lets the fused run go its own way
+the unperturbed one (8e-2 after five NYUv2 steps here). ``--independent`` lets the fused run go its own way
 (the differences then grow so), and checks the first step only.
 PASCAL-Context runs the ViT-S/16 with task-specific layer norms (its ResNet option is the NYUv2 network).
 """
