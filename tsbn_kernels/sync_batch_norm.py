@@ -1,7 +1,7 @@
 """Task-specific batch norm with statistics synchronised across processes (the SyncBatchNorm of TS layers).
 
 Each rank computes, per (task, channel), the element count, mean and M2 of its own samples; the ranks gather
-them with an autograd-aware all_gather and merge them with Chan's formula, so every task is normalised with the
+them in one autograd-aware all_gather and merge them with Chan's formula, so every task is normalised with the
 statistics of all its samples on all ranks, and the backward pass carries the cross-rank terms (the gather's
 backward sums the gradients that flow into each rank's statistics). Running statistics are updated from the
 global statistics and counts. This path is eager PyTorch (any device, gloo or nccl); the fused kernels are used
@@ -11,10 +11,30 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 from .reference import accumulation_dtype, gate_values, task_index
+
+
+class _AllGather(torch.autograd.Function):
+    """Stack of every rank's tensor, [R, *shape]. The backward sums, over ranks, the gradient each rank's loss
+    sends to this rank's slice: an all_reduce then a slice, which gloo supports (it has no reduce_scatter).
+    Written on the plain c10d collectives because torch.distributed.nn.functional is deprecated."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor, group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
 
 
 def _task_moments(x: Tensor, ids: Tensor, num_tasks: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,9 +63,10 @@ def sync_ts_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     ids = task_index(task_ids, x.shape[0], num_tasks, x.device)
     count, mean, m2 = _task_moments(xa, ids, num_tasks)
     group = process_group or dist.group.WORLD
-    counts = torch.stack(dist_fn.all_gather(count.detach(), group=group))       # [R, T]
-    means = torch.stack(dist_fn.all_gather(mean, group=group))                  # [R, T, C]
-    m2s = torch.stack(dist_fn.all_gather(m2, group=group))
+    channels = x.shape[1]
+    # One collective for all three: its latency, not its bytes, is what a per-layer sync costs.
+    packed = _AllGather.apply(torch.cat([count.detach().unsqueeze(1), mean, m2], dim=1), group)  # [R, T, 1+2C]
+    counts, means, m2s = packed[:, :, 0], packed[:, :, 1:1 + channels], packed[:, :, 1 + channels:]
     total = counts.sum(dim=0)                                                    # [T]
     weights = (counts / total.clamp_min(1)).unsqueeze(2)                         # [R, T, 1]
     global_mean = (weights * means).sum(dim=0)
