@@ -94,8 +94,8 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no image folder"):
         data.DenseDataset("nyuv2", tmp_path)
     dense_data.synthesize("nyuv2", tmp_path, 2, size=(8, 8))
+    ds = data.DenseDataset("nyuv2", tmp_path)   # a file missing at construction: tests/test_pipeline_user_scenarios
     (tmp_path / "train" / "depth" / "1.npy").unlink()
-    ds = data.DenseDataset("nyuv2", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"missing data file .*depth/1\.npy"):
         ds[1]
     (tmp_path / "train" / "normal" / "0.npy").write_bytes(b"garbage")

@@ -38,6 +38,15 @@ class TrainingRecorder:
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"cannot append to {self.path}: {exc}; move it away to start a new record") from exc
 
+    def truncate(self, step: int) -> None:
+        """Drop the snapshots taken after ``step`` (a resume from a checkpoint older than the record)."""
+        keep = sum(s <= step for s in self.steps)
+        self.steps = self.steps[:keep]
+        self.gates = {name: snaps[:keep] for name, snaps in self.gates.items()}
+        keep_gramians = sum(s <= step for s in self.gramian_steps)
+        self.gramian_steps = self.gramian_steps[:keep_gramians]
+        self.gramians = self.gramians[:keep_gramians]
+
     def record(self, step: int, model: nn.Module, gramian: torch.Tensor | None = None) -> None:
         self.steps.append(int(step))
         for layer in gates_from_module(model):
@@ -49,12 +58,16 @@ class TrainingRecorder:
     def save(self) -> pathlib.Path:
         arrays = {"steps": np.asarray(self.steps), "gramian_steps": np.asarray(self.gramian_steps),
                   "gramians": np.asarray(self.gramians) if self.gramians else np.zeros((0, 0, 0))}
-        for i, (name, snaps) in enumerate(self.gates.items()):
+        for i, (name, snaps) in enumerate((n, s) for n, s in self.gates.items() if s):
             arrays[f"gates_{i}"] = np.stack(snaps)
             arrays[f"name_{i}"] = np.asarray(name)
         tmp = self.path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, self.path)
+        try:
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, self.path)
+        except BaseException:   # an interrupt mid-write leaves no partial file
+            tmp.unlink(missing_ok=True)
+            raise
         return self.path
 
     def close(self) -> pathlib.Path:

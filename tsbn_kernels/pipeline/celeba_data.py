@@ -68,9 +68,20 @@ class CelebA(torch.utils.data.Dataset):
                 raise DatasetError(f"corrupt CelebA file {self.root / 'list_eval_partition.txt'} line {number}")
             partition[fields[0]] = int(fields[1])
         self.files = sorted(f for f, p in partition.items() if p == SPLITS[split])
+        if not self.files:   # training or scoring on nothing would give NaN metrics, not an error
+            raise DatasetError(f"CelebA: {self.root / 'list_eval_partition.txt'} assigns no image to the {split} "
+                               f"split ({SPLITS[split]})")
         missing = [f for f in self.files if f not in attributes]
         if missing:
             raise DatasetError(f"CelebA: {missing[0]} is in list_eval_partition.txt but not in list_attr_celeba.txt")
+        # The split's images, checked here from one folder listing, not when a batch first reads them: a missing
+        # validation image would otherwise end a run after its first training epoch.
+        folder = self.root / "img_align_celeba"
+        present = set(os.listdir(folder)) if folder.is_dir() else set()
+        absent = [f for f in self.files if f not in present]
+        if absent:
+            more = f" (and {len(absent) - 1} more of the split's {len(self.files)})" if len(absent) > 1 else ""
+            raise FileNotFoundError(f"missing CelebA image {folder / absent[0]}{more}")
         self.attributes = attributes
 
     def __len__(self) -> int:
@@ -102,7 +113,13 @@ def synthesize(root: str | os.PathLike, n: int, seed: int = 0, splits=(0.8, 0.1,
     attr_lines = [str(n), " ".join(ATTRIBUTES)]
     # Integer split boundaries: fractions made from counts (3/7 of 7) must give those counts back, which
     # comparing i with the float product (2.9999…) does not.
-    train_end, val_end = round(splits[0] * n), round((splits[0] + splits[1]) * n)
+    counts = [round(splits[0] * n), round((splits[0] + splits[1]) * n) - round(splits[0] * n)]
+    counts.append(n - sum(counts))
+    for k in range(3):   # a split asked for gets an image when n allows (n = 6 at 0.8/0.1/0.1 gave val none)
+        if splits[k] > 0 and counts[k] == 0 and max(counts) > 1:
+            counts[counts.index(max(counts))] -= 1
+            counts[k] = 1
+    train_end, val_end = counts[0], counts[0] + counts[1]
     partition_lines = []
     for i in range(1, n + 1):
         name = f"{i:06d}.jpg"

@@ -79,6 +79,18 @@ class DenseDataset(torch.utils.data.Dataset):
         self.indices = sorted(int(p.stem) for p in files)
         if not self.indices:
             raise FileNotFoundError(f"{self.spec.name}: {image_dir} holds no .npy files")
+        # Every task's file of every sample, checked here by listing the folders (cheap), not when a batch first
+        # reads it: a missing validation file would otherwise end a run after its first training epoch.
+        for folder in self.spec.folders.values():
+            if folder == self.spec.folders["image"]:
+                continue
+            directory = self.dir / folder
+            present = {p.name for p in directory.glob("*.npy")} if directory.is_dir() else set()
+            missing = [i for i in self.indices if f"{i}.npy" not in present]
+            if missing:
+                more = f" (and {len(missing) - 1} more of the {len(self.indices)} samples)" if len(missing) > 1 else ""
+                raise FileNotFoundError(f"missing data file {directory / f'{missing[0]}.npy'}{more}: {image_dir} "
+                                        f"holds {missing[0]}.npy")
         self.augment = augment
         self.seed, self.epoch = seed, 0
 

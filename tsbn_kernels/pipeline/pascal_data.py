@@ -153,6 +153,15 @@ class PascalContext(torch.utils.data.Dataset):
         self.ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not self.ids:
             raise DatasetError(f"PASCAL-Context: split list {listing} names no image")
+        # Every file of every listed image, checked here from the folder listings (cheap), not when a batch first
+        # reads it: a missing validation file would otherwise end a run after its first training epoch.
+        listed: dict[pathlib.Path, set[str]] = {}
+        for image_id in self.ids:
+            for path in self.paths(image_id, listed).values():
+                if path.parent not in listed:
+                    listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+                if path.name not in listed[path.parent]:
+                    raise FileNotFoundError(f"missing PASCAL-Context file {path} (image {image_id} of {listing})")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -160,10 +169,14 @@ class PascalContext(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def paths(self, image_id: str) -> dict[str, pathlib.Path]:
+    def paths(self, image_id: str, listed: dict[pathlib.Path, set[str]] | None = None) -> dict[str, pathlib.Path]:
+        """The files of one image; ``listed``: folder listings to test the VOC12 segmentation's presence with."""
         voc = self.root / "semseg" / "VOC12" / f"{image_id}.png"
+        if listed is not None and voc.parent not in listed:
+            listed[voc.parent] = set(os.listdir(voc.parent)) if voc.parent.is_dir() else set()
+        has_voc = voc.name in listed[voc.parent] if listed is not None else voc.exists()
         return {"image": self.root / "JPEGImages" / f"{image_id}.jpg",
-                "segmentation": voc if voc.exists() else self.root / "semseg" / "pascal-context" / f"{image_id}.png",
+                "segmentation": voc if has_voc else self.root / "semseg" / "pascal-context" / f"{image_id}.png",
                 "human_parts": self.root / "human_parts" / f"{image_id}.mat",
                 "label_map": self.root / "pascal-context" / "trainval" / f"{image_id}.mat",
                 "normal": self.root / "normals_distill" / f"{image_id}.png",

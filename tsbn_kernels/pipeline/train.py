@@ -28,7 +28,9 @@ import json
 import os
 import pathlib
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -57,14 +59,22 @@ class NonFiniteLoss(RuntimeError):
 
 def atomic_save(obj, path: pathlib.Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:   # an interrupt (Ctrl-C, SIGTERM) or a full disk: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: pathlib.Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_synthetic(args, root: pathlib.Path) -> None:
@@ -104,6 +114,10 @@ def make_data(args, out: pathlib.Path, context: dist_mod.Context):
         write_synthetic(args, root)
     context.barrier()
     train_set, val_set = make_datasets(args, root)
+    if len(train_set) < args.batch * context.world_size:
+        ranks = f" × {context.world_size} processes" if context.distributed else ""
+        raise SystemExit(f"tsbn-train: the training split of {root} has {len(train_set)} samples, fewer than one "
+                         f"batch of --batch {args.batch}{ranks}")
     sampler = dist_mod.GlobalBatchSampler(len(train_set), args.batch, context.rank, context.world_size, args.seed)
 
     def train(epoch, start=0):
@@ -218,19 +232,39 @@ def parse(argv):
     args.width = args.width or (64 if on_gpu else 8)
     real = REAL_SIZES[args.benchmark]
     args.size = args.size or (list(real) if on_gpu else [real[0] // 4, real[1] // 4])
+    if min(args.size) < 1:
+        parser.error(f"--size must be positive, got {args.size[0]} {args.size[1]}")
+    if (args.arch or ARCHS[args.benchmark][0]) == "vit_s" and (args.size[0] % 16 or args.size[1] % 16):
+        parser.error(f"--size {args.size[0]} {args.size[1]}: the ViT-S/16 of {args.benchmark} takes sizes that are "
+                     "multiples of its patch size 16 (or pass --arch resnet50)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     context = dist_mod.setup()
+    # SIGTERM (a job scheduler's stop, torchrun tearing the ranks down) stops the run as Ctrl-C does: between two
+    # files, never inside one, with a message saying which checkpoint a --resume continues from.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return train(args, context)
     except (FileNotFoundError, DatasetError) as exc:   # the user's files: one line that names them, no traceback
         print(f"tsbn-train: {exc}", file=sys.stderr)
         return 2
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         dist_mod.teardown(context)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is (handled as Ctrl-C is)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 # Settings that shape the model or the optimizer state: a checkpoint cannot continue under other values.
@@ -326,6 +360,11 @@ def train(args, context: dist_mod.Context) -> int:
         for group, requested in zip(optimizer.param_groups, gate_param_groups(model, args.lr)):
             group["lr"], group["weight_decay"] = requested["lr"], requested["weight_decay"]
         epoch, step, history = state["epoch"], state["step"], state["history"]
+        if context.is_main:
+            # An interrupt between the checkpoint and the files made from it leaves them behind it: rewrite them
+            # from the checkpoint, also when it has nothing left to train.
+            write_metrics(out, history)
+            save_plots(out, history, model)
         progress = state.get("progress", progress)
         if history and history[-1].get("partial"):   # replaced by the epoch's entry once the epoch is complete
             history.pop()
@@ -354,10 +393,15 @@ def train(args, context: dist_mod.Context) -> int:
             from ..analysis.record import TrainingRecorder
 
             recorder = TrainingRecorder(out, append=args.resume)   # a resume keeps the snapshots recorded so far
+            if args.resume:   # but none after the checkpoint (an interrupt between the record and the checkpoint)
+                recorder.truncate(step)
         except ImportError:
             pass
         except ValueError as exc:
             raise SystemExit(f"tsbn-train: {exc}") from None
+    if args.resume and context.is_main and not (epoch < args.epochs and (args.steps is None or step < args.steps)):
+        print(f"tsbn-train: nothing to train: the run in {out} is at epoch {epoch}, step {step} "
+              f"(--epochs {args.epochs}{'' if args.steps is None else f', --steps {args.steps}'})", file=sys.stderr)
     try:
         while epoch < args.epochs and (args.steps is None or step < args.steps):
             totals, count, gramian = dict(progress["totals"]), progress["count"], None
@@ -452,15 +496,19 @@ def train(args, context: dist_mod.Context) -> int:
                 skipped = f" ({overflows} float16-overflow steps skipped)" if overflows else ""
                 print(f"epoch {entry['epoch']}{where}: loss {sum(entry['train_loss'].values()):.4f}{skipped} " +
                       " ".join(f"{k}={v:.4f}" for k, v in summary(val).items()), flush=True)
+                # The record before the checkpoint: an interrupt between the two leaves the record ahead, which a
+                # resume cuts back to the checkpoint's step (behind, it would miss this snapshot for good). The
+                # metrics and plots, made from the checkpoint's history, are rewritten by a resume.
+                if recorder is not None:
+                    recorder.record(step, model, gramian)
+                    recorder.save()
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": epoch,
                              "step": step, "progress": progress, "history": history, "rng": rng, "config": config},
                             out / "checkpoint.pt")
+                saved_step = step
                 write_metrics(out, history)
                 save_plots(out, history, model)
-                if recorder is not None:   # saved with each checkpoint, so the record never lags behind it
-                    recorder.record(step, model, gramian)
-                    recorder.save()
             saved_step = step
             context.barrier()
     except NonFiniteLoss as exc:
@@ -470,6 +518,14 @@ def train(args, context: dist_mod.Context) -> int:
                     "or a --steps stop)")
             print(f"tsbn-train: {exc}; stopping, {kept}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        if context.is_main:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            kept = (f"{out / 'checkpoint.pt'} holds step {saved_step}; --resume continues from there"
+                    if saved_step is not None else "no checkpoint was written yet (one is written at the end of each "
+                    "epoch and at a --steps stop)")
+            print(f"tsbn-train: {what} at step {step}; {kept}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 
@@ -491,11 +547,15 @@ def write_metrics(out: pathlib.Path, history: list[dict]) -> None:
     # Every column any epoch has (a resume may add or drop --baseline, hence delta_m); empty where one lacks it.
     fieldnames = list(dict.fromkeys(k for row in rows for k in row))
     tmp = out / "metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "metrics.csv")
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, out / "metrics.csv")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":
