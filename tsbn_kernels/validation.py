@@ -154,7 +154,12 @@ def assert_task_layout_in_graph(layout: TaskLayout, spatial: int, training: bool
 
 
 class _LastCheckedIds:
-    """The per-task counts of the last task_ids tensor that passed the range check, while it is unchanged."""
+    """The per-task counts of the last task_ids tensor that passed the range check, while it is unchanged.
+
+    A change is seen through the tensor's version counter, which every in-place op bumps. Writes that bypass it
+    (through the array of ``torch.from_numpy`` — a loader refilling one buffer per batch —, ``ids.data``, DLPack)
+    would leave stale counts here and let out-of-range ids reach a kernel: for CPU ids, where reading the values
+    costs no device sync, the cache also keeps a copy of the values and is used only while they still match."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None
@@ -163,12 +168,17 @@ class _LastCheckedIds:
         entry = self._entry
         if entry is None or ids.is_inference():
             return None
-        ref, version, tasks, counts = entry
-        return counts if ref() is ids and version == ids._version and tasks == num_tasks else None
+        ref, version, tasks, counts, values = entry
+        if ref() is not ids or version != ids._version or tasks != num_tasks:
+            return None
+        if values is not None and not torch.equal(values, ids):
+            return None
+        return counts
 
     def put(self, ids: Tensor, num_tasks: int, counts: tuple[int, ...]) -> None:
         if not ids.is_inference():  # inference tensors track no version, so a change could not be seen
-            self._entry = (weakref.ref(ids), ids._version, num_tasks, counts)
+            values = ids.detach().clone() if ids.device.type == "cpu" else None
+            self._entry = (weakref.ref(ids), ids._version, num_tasks, counts, values)
 
 
 _checked_counts = _LastCheckedIds()
