@@ -165,3 +165,27 @@ def test_sizes_the_model_cannot_take_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         train.parse(["cityscapes", "--size", "0", "32"])
     assert "--size must be positive" in capsys.readouterr().err
+
+
+def test_steps_alone_trains_that_many_steps_across_epochs(tmp_path, capsys):
+    # --steps 5 without --epochs stopped after the default single epoch (2 steps here), without a word.
+    assert run(tmp_path, "--steps", "5") == 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 5 and [(h["epoch"], h.get("partial")) for h in state["history"]] == \
+        [(1, None), (2, None), (3, True)]
+    # Both limits: whichever comes first.
+    assert run(tmp_path / "both", "--steps", "5", "--epochs", "1") == 0
+    assert torch.load(tmp_path / "both" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert train.parse(["nyuv2"]).epochs == 1
+    with pytest.raises(SystemExit):
+        train.parse(["nyuv2", "--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--backend 'bogus' cannot run ts_batch_norm on cpu; available there"):
+        run(tmp_path, "--backend", "bogus")
+    assert not (tmp_path / "data").exists()       # said before the synthetic data is written
+    with pytest.raises(SystemExit, match="cannot run ts_layer_norm"):
+        run(tmp_path, "--backend", "bogus", benchmark="pascal", size=("32", "32"))
+    assert run(tmp_path / "bn", "--backend", "bogus", "--norm", "bn", "--steps", "1") == 0   # no TS norm to run

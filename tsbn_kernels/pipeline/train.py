@@ -1,7 +1,7 @@
 """tsbn-train: train a benchmark's multi-task model with task-specific norms and gradient aggregation.
 
     tsbn-train {nyuv2,cityscapes,celeba,pascal} [--data PATH|synthetic] [--norm tssigmabn] [--aggregator mean]
-               [--backend auto] [--amp bf16|fp16] [--channels-last] [--epochs 1 | --steps N] [--out DIR]
+               [--backend auto] [--amp bf16|fp16] [--channels-last] [--epochs 1] [--steps N] [--out DIR]
                [--arch vit_s|resnet50] [--optimizer adam|sgd] [--baseline FILE]
     torchrun --nproc_per_node R -m tsbn_kernels.pipeline.train ...     (data parallel; --batch is per process)
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import pathlib
 import random
@@ -38,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from .. import mtl
+from ..dispatch import available_backends
 from ..convert import gate_param_groups
 from ..modules import TSLayerNorm, _TSBatchNorm
 from ..mtl.training import average_across_ranks_
@@ -200,7 +202,8 @@ def parse(argv):
     parser.add_argument("--aggregator", default="mean", choices=mtl.METHODS)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, help="epochs to train (default: 1, or as many as --steps needs when "
+                        "--steps is given); with both, the run stops at whichever limit it reaches first")
     parser.add_argument("--steps", type=int, help="stop after this many optimizer steps in total")
     parser.add_argument("--out", default="runs/latest")
     parser.add_argument("--resume", action="store_true")
@@ -228,6 +231,11 @@ def parse(argv):
         parser.error(f"--arch for {args.benchmark} must be one of {ARCHS[args.benchmark]}")
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    for name in ("epochs", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.epochs is None and args.steps is None:
+        args.epochs = 1
     on_gpu = torch.cuda.is_available()
     args.width = args.width or (64 if on_gpu else 8)
     real = REAL_SIZES[args.benchmark]
@@ -300,6 +308,18 @@ def check_run_directory(args, out: pathlib.Path) -> None:
               + "; ".join(changed), file=sys.stderr)
 
 
+def check_backend(args, device: torch.device) -> None:
+    """--backend must run the model's task-specific norms on this device: said before any data is read (it used
+    to be a traceback from the first forward)."""
+    if args.norm == "bn" or args.backend == "auto":
+        return
+    op = "ts_layer_norm" if (args.arch or ARCHS[args.benchmark][0]) == "vit_s" else "ts_batch_norm"
+    available = available_backends(device, op)
+    if args.backend not in available:
+        raise SystemExit(f"tsbn-train: --backend {args.backend!r} cannot run {op} on {device.type}; available there: "
+                         f"{['auto', *available]}")
+
+
 def load_baseline(args, context: dist_mod.Context) -> dict | None:
     """--baseline checked against the benchmark's metrics before training, not when the first epoch ends."""
     if not args.baseline:
@@ -322,6 +342,7 @@ def train(args, context: dist_mod.Context) -> int:
     baseline = load_baseline(args, context)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
+    check_backend(args, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -399,11 +420,13 @@ def train(args, context: dist_mod.Context) -> int:
             pass
         except ValueError as exc:
             raise SystemExit(f"tsbn-train: {exc}") from None
-    if args.resume and context.is_main and not (epoch < args.epochs and (args.steps is None or step < args.steps)):
+    max_epochs = math.inf if args.epochs is None else args.epochs   # None: as many as --steps needs
+    if args.resume and context.is_main and not (epoch < max_epochs and (args.steps is None or step < args.steps)):
+        limits = [f"--{k} {v}" for k, v in (("epochs", args.epochs), ("steps", args.steps)) if v is not None]
         print(f"tsbn-train: nothing to train: the run in {out} is at epoch {epoch}, step {step} "
-              f"(--epochs {args.epochs}{'' if args.steps is None else f', --steps {args.steps}'})", file=sys.stderr)
+              f"({', '.join(limits)})", file=sys.stderr)
     try:
-        while epoch < args.epochs and (args.steps is None or step < args.steps):
+        while epoch < max_epochs and (args.steps is None or step < args.steps):
             totals, count, gramian = dict(progress["totals"]), progress["count"], None
             overflows = progress.get("overflows", 0)
             start, taken = time.perf_counter() - progress["seconds"], 0
@@ -414,7 +437,8 @@ def train(args, context: dist_mod.Context) -> int:
                 # restored after the new DataLoader's draw, the stream continues as in the uninterrupted run.
                 set_rng_state(saved_rng)
                 saved_rng = None
-            bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+            of = "" if args.epochs is None else f"/{args.epochs}"
+            bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}{of}", leave=False,
                        disable=not (context.is_main and sys.stderr.isatty()))
             for batch in bar:
                 batch = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device)
