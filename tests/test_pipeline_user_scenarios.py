@@ -189,3 +189,19 @@ def test_a_backend_that_cannot_run_here_is_refused_before_training(tmp_path, cap
     with pytest.raises(SystemExit, match="cannot run ts_layer_norm"):
         run(tmp_path, "--backend", "bogus", benchmark="pascal", size=("32", "32"))
     assert run(tmp_path / "bn", "--backend", "bogus", "--norm", "bn", "--steps", "1") == 0   # no TS norm to run
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["cityscapes", "--backend", "bogus"], "cannot run ts_batch_norm"),
+    (["pascal", "--backend", "bogus"], "cannot run ts_layer_norm"),
+    (["cityscapes", "--steps", "0"], "at least 1"),
+    (["cityscapes", "--batch", "0"], "at least 1"),
+    (["pascal", "--size", "30", "30"], "multiples of 16"),
+    (["all", "--size", "30", "30"], "multiples of 16"),
+])
+def test_tsbn_check_usage_errors_exit_2_not_the_mismatch_status(argv, message, capsys):
+    # They were tracebacks (status 1: what a MISMATCH exits with), or with --steps 0 a check of nothing.
+    from tsbn_kernels.pipeline import check
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

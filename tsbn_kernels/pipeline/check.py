@@ -7,7 +7,9 @@ fused path, step by step, and fail when they disagree.
 eager: reference norms, T autograd passes for the per-task gradients, the aggregation's torch path.
 fused: the chosen norm backend, per-task gradients from one backward (mtl.OneBackward), the fused Gramian path.
 Per step: both losses and their difference, the largest parameter difference, both step times and (on a GPU)
-both peak memories. Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance.
+both peak memories. Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance, 2 for
+arguments it cannot check with (argparse's usage errors: a --backend not available here, --steps or --batch below 1,
+a PASCAL-Context --size off the ViT's 16-pixel patch grid), 0 when every step agrees.
 
 Each step starts the fused model from the eager run's state (parameters and running statistics), so a difference
 is that step's own. Two runs left to themselves part however exact the kernels are: training a small-batch BN
@@ -26,6 +28,7 @@ import time
 import torch
 
 from .. import mtl
+from ..dispatch import available_backends
 from . import pascal_data
 from .dense_data import DenseDataset, synthesize
 from .losses import celeba_losses, dense_losses
@@ -165,6 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                              "float64 truth, so the CPU check compares in float64, where a mismatch is a bug")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Usage errors exit 2 with a line, never 1 (a traceback's status), which means a mismatch.
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be at least 1")
+    if args.width is not None and args.width < 1:
+        parser.error("--width must be at least 1")
+    chosen = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    for op in dict.fromkeys("ts_layer_norm" if b == "pascal" else "ts_batch_norm" for b in chosen):
+        available = available_backends(device, op)
+        if args.backend != "auto" and args.backend not in available:
+            parser.error(f"--backend {args.backend!r} cannot run {op} on {device}; available there: "
+                         f"{['auto', *available]}")
+    if args.size is not None and (min(args.size) < 1 or ("pascal" in chosen and (args.size[0] % 16 or
+                                                                                  args.size[1] % 16))):
+        parser.error(f"--size {args.size[0]} {args.size[1]}: sizes must be positive"
+                     + (", and multiples of 16 for PASCAL-Context's ViT-S/16" if "pascal" in chosen else ""))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device == "cuda" else torch.float64)
     width = args.width or (64 if device == "cuda" else 8)
     ok = True
