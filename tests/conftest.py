@@ -33,7 +33,9 @@ def make_input(shape, dtype=torch.float32, *, offset: float = 0.0, scale: float 
         channel_shift = torch.randn(shape[1], generator=generator, dtype=torch.float64).abs() + 1.0
         x = x + offset * channel_shift.reshape(1, -1, *([1] * (len(shape) - 2)))
     x = x.to(device=device, dtype=dtype)
-    if channels_last:
+    if channels_last and x.dim() == 3:   # channel-minor [N, C, L]: a [N, L, C] sequence transposed for BatchNorm1d
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif channels_last:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
 

@@ -71,6 +71,8 @@ def assert_matches(got, want, dtype, x):
 
 
 def layout_of(t):
+    if t.dim() == 3 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
+        return "channel_minor"
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
     if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
@@ -81,7 +83,7 @@ def layout_of(t):
 SHAPES = [(6, 5), (6, 3, 7), (6, 4, 5, 3), (6, 3, 2, 3, 4), (9, 17, 3, 5)]
 
 
-LAYOUTS = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in SHAPES if len(shape) >= 4]
+LAYOUTS = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in SHAPES if len(shape) >= 3]
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -209,7 +211,7 @@ def test_property_against_reference(num_tasks, per_task, channels, spatial, gate
     _, ids = ragged_task_ids(per_task[:num_tasks], spatial, g)
     ids = ids.to(DEVICE)
     shape = (ids.numel(), channels, *spatial)
-    x = make_input(shape, torch.float64, channels_last=channels_last and len(shape) == 4, offset=5.0,
+    x = make_input(shape, torch.float64, channels_last=channels_last and len(shape) in (3, 4), offset=5.0,
                    generator=g, device=DEVICE)
     weight, bias, rm, rv = make_params(num_tasks, channels, torch.float64, bias=use_bias, generator=g,
                                        device=DEVICE)

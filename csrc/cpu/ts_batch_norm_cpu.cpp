@@ -113,7 +113,7 @@ Blocks make_blocks(const at::Tensor& x, const c10::optional<at::Tensor>& task_id
   TORCH_CHECK_VALUE(T >= 1, "ts_batch_norm: num_tasks must be >= 1, got ", T);
   Blocks b;
   b.interleaved = is_interleaved(x);
-  b.x = x.contiguous(layout_of(x, b.interleaved));
+  b.x = in_layout(x, b.interleaved);
   b.N = x.size(0);
   b.C = x.size(1);
   b.S = b.N && b.C ? x.numel() / (b.N * b.C) : 0;
@@ -678,7 +678,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
                     " but x has shape ", x.sizes());
   const Blocks b = make_blocks(x, task_ids, num_tasks);
   const int64_t T = num_tasks, C = b.C, B = b.num_blocks();
-  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x, b.interleaved));
+  const at::Tensor dy = in_layout(grad_y.to(x.scalar_type()), b.interleaved);
   at::Tensor dx = at::empty_like(b.x);
   at::Tensor dweight, dbias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_cpu", [&] {

@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
   const bool interleaved = is_interleaved(x_in);
-  const at::Tensor x = x_in.contiguous(layout_of(x_in, interleaved));
+  const at::Tensor x = in_layout(x_in, interleaved);
   const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
   const int64_t T = num_tasks;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -385,9 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
   const bool interleaved = is_interleaved(x_in);
-  const at::MemoryFormat format = layout_of(x_in, interleaved);
-  const at::Tensor x = x_in.contiguous(format);
-  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(format);
+  const at::Tensor x = in_layout(x_in, interleaved);
+  const at::Tensor dy = in_layout(grad_y.to(x.scalar_type()), interleaved);
   const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
   const int64_t T = num_tasks;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

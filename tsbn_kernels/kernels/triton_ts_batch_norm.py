@@ -49,9 +49,11 @@ def _view_ncs(x: Tensor) -> tuple[int, int, int, int, int, int]:
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x if its spatial dims merge into one strided dim (NCHW, channels-last, ...), else a contiguous copy."""
+    """x if its spatial dims merge into one strided dim (NCHW, channels-last, the channel-minor [N, C, L] of a
+    transposed sequence, ...), else a contiguous copy; empty_like of it gives outputs in the same layout."""
     if x.dim() <= 3:
-        return x if x.dim() == 2 or x.stride(2) == 1 or x.shape[2] == 1 else x.contiguous()
+        dense = x.dim() == 2 or x.stride(2) == 1 or x.shape[2] == 1 or x.transpose(1, 2).is_contiguous()
+        return x if dense else x.contiguous()
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
                                             else torch.channels_last_3d):
         return x
