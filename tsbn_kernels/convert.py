@@ -114,9 +114,14 @@ def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: b
     reference_tensor = bn.weight if bn.weight is not None else bn.running_mean
     factory = {} if reference_tensor is None else {"device": reference_tensor.device,
                                                    "dtype": reference_tensor.dtype}
+    # Buffers where the original has them, whatever its track_running_stats says: nn.BatchNorm reads its running
+    # statistics in eval whenever they exist (track_running_stats set to False after construction only stops their
+    # update) and uses batch statistics when they were set to None; the layer's forward follows the same rule.
+    has_stats = bn.running_mean is not None and bn.running_var is not None
     ts = target(bn.num_features, num_tasks, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                track_running_stats=bn.track_running_stats, gate=gate, bias=bias, activation=activation,
+                track_running_stats=has_stats, gate=gate, bias=bias, activation=activation,
                 backend=backend, **factory)
+    ts.track_running_stats = bn.track_running_stats
     with torch.no_grad():
         if bn.affine:
             if gate == "none":
@@ -129,11 +134,12 @@ def _convert_one(bn: nn.Module, target: type, num_tasks: int, gate: str, bias: b
             _warn_if_frozen_random_gates("convert_batchnorm", bn.weight, gate, gate_init)
             if ts.bias is not None:
                 ts.bias.requires_grad_(bn.bias.requires_grad)
-        if bn.track_running_stats and bn.running_mean is not None:
-            ts.running_mean.copy_(bn.running_mean.expand_as(ts.running_mean))
-            ts.running_var.copy_(bn.running_var.expand_as(ts.running_var))
-            if bn.num_batches_tracked is not None:
-                ts.num_batches_tracked.fill_(int(bn.num_batches_tracked))
+        if has_stats:
+            # The statistics keep their own dtype (float32 statistics of a half-precision layer stay float32).
+            ts.running_mean = bn.running_mean.detach().expand(ts.running_mean.shape).clone()
+            ts.running_var = bn.running_var.detach().expand(ts.running_var.shape).clone()
+            if bn.num_batches_tracked is not None:   # a tensor copy: no host sync, and works on meta tensors
+                ts.num_batches_tracked.copy_(bn.num_batches_tracked.expand_as(ts.num_batches_tracked))
     if isinstance(bn, nn.SyncBatchNorm):
         ts.sync, ts.process_group = True, bn.process_group
     ts.train(bn.training)
@@ -145,7 +151,8 @@ def convert_layernorm(module: nn.Module, num_tasks: int, gate: str = "sigmoid", 
     """Replace every ``nn.LayerNorm`` in ``module`` by a ``TSLayerNorm`` (TSσLN for transformers), in place, with
     the same initialisation rules as :func:`convert_batchnorm`: ``gate="none"`` copies γ (and β) to every task,
     so the converted model computes the original function; ``gate="sigmoid"`` draws the gate logits from N(0, 1)
-    (``gate_init="normal"``) or sets them to logit(clamp(γ)) (``gate_init="copy"``). β is kept when the result
+    (``gate_init="normal"``) or sets them to logit(clamp(γ)) (``gate_init="copy"``; γ = 1 for a LayerNorm
+without ``elementwise_affine``, whose converted layer gets gates too). β is kept when the result
     has a bias (``bias=None`` means: a bias for ``gate="none"``, none for ``gate="sigmoid"``). Samples are split by
     task along dim 0, so torch's transformer layers must be built with ``batch_first=True`` (ValueError otherwise)."""
     if gate_init not in GATE_INITS:
@@ -191,6 +198,9 @@ def _convert_layer_norm(ln: nn.LayerNorm, num_tasks: int, gate: str, bias: bool 
                 ts.weight.copy_(torch.logit(ln.weight.clamp(1e-3, 1 - 1e-3)).expand_as(ts.weight))
             ts.weight.requires_grad_(ln.weight.requires_grad)
             _warn_if_frozen_random_gates("convert_layernorm", ln.weight, gate, gate_init)
+        elif gate == "sigmoid" and gate_init == "copy":
+            # elementwise_affine=False: γ is 1 (gate="none" keeps the ones of reset_parameters)
+            ts.weight.copy_(torch.logit(torch.ones_like(ts.weight).clamp(1e-3, 1 - 1e-3)))
         if ts.bias is not None and ln.bias is not None:
             ts.bias.copy_(ln.bias.expand_as(ts.bias))
             ts.bias.requires_grad_(ln.bias.requires_grad)

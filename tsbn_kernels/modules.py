@@ -72,7 +72,7 @@ class _TSBatchNorm(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        if self.track_running_stats:
+        if self.running_mean is not None:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
