@@ -205,3 +205,15 @@ def test_tsbn_check_usage_errors_exit_2_not_the_mismatch_status(argv, message, c
     with pytest.raises(SystemExit) as exit_info:
         check.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resuming_with_another_number_of_processes_warns_of_the_global_batch(tmp_path, capsys):
+    # --batch is per process: a 2-process run resumed by one process trains on half the global batch, which
+    # the resume did not mention (world_size is in config.json, not in its args).
+    assert run(tmp_path, "--steps", "1") == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["world_size"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume") == 0
+    assert "processes: 2 -> 1 (global batch 4 -> 2)" in capsys.readouterr().err

@@ -280,7 +280,7 @@ RESUME_MUST_MATCH = ("benchmark", "norm", "width", "arch", "size", "dtype", "opt
 RESUME_FREE = ("resume", "epochs", "steps", "out")   # what a resume is expected to change
 
 
-def check_run_directory(args, out: pathlib.Path) -> None:
+def check_run_directory(args, out: pathlib.Path, world_size: int = 1) -> None:
     """Never overwrite a run by accident, and resume only the run that was started here. Raises SystemExit."""
     checkpoint = out / "checkpoint.pt"
     if not args.resume:
@@ -291,7 +291,8 @@ def check_run_directory(args, out: pathlib.Path) -> None:
     if not checkpoint.exists():
         raise SystemExit(f"tsbn-train: --resume but {checkpoint} does not exist")
     try:
-        previous = json.loads((out / "config.json").read_text())["args"]
+        config = json.loads((out / "config.json").read_text())
+        previous = config["args"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"tsbn-train: --resume needs {out / 'config.json'} of the run that wrote the checkpoint: "
                          f"{exc}") from None
@@ -303,6 +304,10 @@ def check_run_directory(args, out: pathlib.Path) -> None:
                          + "; resume it with the same settings, or start a new run in another --out")
     changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
                if k not in RESUME_FREE and k not in RESUME_MUST_MATCH and previous.get(k) != v]
+    before = config.get("world_size", 1)
+    if before != world_size:   # --batch is per process: the global batch changes with the number of processes
+        changed.append(f"processes: {before} -> {world_size} (global batch {before * previous.get('batch', args.batch)}"
+                       f" -> {world_size * args.batch})")
     if changed:
         print("tsbn-train: resuming with changed settings (the run will not reproduce an uninterrupted one): "
               + "; ".join(changed), file=sys.stderr)
@@ -338,7 +343,7 @@ def load_baseline(args, context: dist_mod.Context) -> dict | None:
 
 def train(args, context: dist_mod.Context) -> int:
     out = pathlib.Path(args.out)
-    check_run_directory(args, out)
+    check_run_directory(args, out, context.world_size)
     baseline = load_baseline(args, context)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
