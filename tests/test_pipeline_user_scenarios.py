@@ -217,3 +217,18 @@ def test_resuming_with_another_number_of_processes_warns_of_the_global_batch(tmp
     capsys.readouterr()
     assert run(tmp_path, "--steps", "2", "--resume") == 0
     assert "processes: 2 -> 1 (global batch 4 -> 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [255, 7, 2.5])
+def test_a_label_outside_the_classes_names_its_file(tmp_path, value):
+    # A 255-ignore label (another preprocessing's convention) in a val file surfaced as a traceback from the
+    # metrics after the training epoch, naming no file.
+    dense_data.synthesize("cityscapes", tmp_path, 2, "val", size=(8, 16))
+    path = tmp_path / "val" / "label_7" / "1.npy"
+    label = np.load(path).astype(np.float64 if value == 2.5 else np.int64)
+    label[3, 5] = value
+    np.save(path, label)
+    dataset = data.DenseDataset("cityscapes", tmp_path, "val")
+    assert dataset[0]["segmentation"].max() <= 6
+    with pytest.raises(ValueError, match=r"label_7/1\.npy holds label .*outside the cityscapes classes"):
+        dataset[1]

@@ -104,9 +104,14 @@ class DenseDataset(torch.utils.data.Dataset):
         i = self.indices[item]
         folders = self.spec.folders
         image = _load(self.dir / folders["image"] / f"{i}.npy", (3,))
+        label_path = self.dir / folders["segmentation"] / f"{i}.npy"
+        label = _load(label_path, ())
+        bad = (label < -1) | (label >= self.spec.num_classes) | (label != np.round(label))
+        if bad.any():   # else a traceback from the loss or the metrics that names no file (255: another convention)
+            raise DatasetError(f"data file {label_path} holds label {label[bad].flat[0]!r}, outside the "
+                               f"{self.spec.name} classes -1 (ignore), 0..{self.spec.num_classes - 1}")
         out = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1),
-               "segmentation": torch.from_numpy(_load(self.dir / folders["segmentation"] / f"{i}.npy", ())
-                                                .astype(np.int64)),
+               "segmentation": torch.from_numpy(label.astype(np.int64)),
                "depth": torch.from_numpy(np.ascontiguousarray(_load(self.dir / folders["depth"] / f"{i}.npy", (1,)),
                                                               dtype=np.float32)).permute(2, 0, 1)}
         if "normal" in folders:
