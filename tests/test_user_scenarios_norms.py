@@ -129,3 +129,69 @@ def _copy(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+class _Block(nn.Module):
+    def __init__(self, num_tasks: int, backend: str):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.ln = tk.TSLayerNorm(8, num_tasks, gate="none", bias=True, backend=backend)
+        self.lin2 = nn.Linear(8, 8)
+        self.bn = tk.TSBatchNorm1d(8, num_tasks, backend=backend)   # on [B, C, L]: the sequence as L
+        with torch.no_grad():
+            self.ln.weight.normal_()
+            self.ln.bias.normal_()
+
+    def forward(self, x):
+        h = self.ln(self.lin(x)).relu()
+        return self.bn(self.lin2(h).transpose(1, 2)).transpose(1, 2)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, num_tasks: int, backend: str, mode: str):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(num_tasks, backend) for _ in range(2)])
+        self.mode = mode
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = block(x) if self.mode == "none" else checkpoint(block, x, use_reentrant=self.mode == "reentrant")
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_activation_checkpointing_with_task_ids_context(backend, mode):
+    # The recomputation runs in the backward, after the tk.task_ids block has exited: it must not silently fall
+    # back to the task-major layout (wrong gradients) — a clear error, or the right gradients.
+    torch.manual_seed(0)
+    plain = _Checkpointed(2, backend, "none")
+    ckpt = _Checkpointed(2, backend, mode)
+    ckpt.load_state_dict(plain.state_dict())
+    x = make_input((4, 3, 8), offset=2.0).requires_grad_()
+    ids = torch.tensor([1, 0, 0, 1])
+    weights = torch.randn(8)
+    with tk.task_ids(ids):
+        (plain(x) * weights).sum().backward()
+        y = ckpt(x)
+    with pytest.raises(RuntimeError, match="recomputed during the backward"):
+        (y * weights).sum().backward()
+    # The backward inside the block, or the replicated batch (no ids at all), recompute exactly.
+    for p in ckpt.parameters():
+        p.grad = None
+    ckpt.load_state_dict(plain.state_dict())   # the failed step's forward advanced the running statistics
+    twin = _Checkpointed(2, backend, "none")
+    twin.load_state_dict(plain.state_dict())
+    with tk.task_ids(ids):
+        (ckpt(x) * weights).sum().backward()
+        (twin(x) * weights).sum().backward()
+    for ours, theirs in zip(ckpt.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, **tolerance(torch.float32))
+    for p in list(ckpt.parameters()) + list(twin.parameters()):
+        p.grad = None
+    (ckpt(x) * weights).sum().backward()
+    (twin(x) * weights).sum().backward()
+    for ours, theirs in zip(ckpt.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, **tolerance(torch.float32))

@@ -20,6 +20,32 @@ def _check_sizes(cls: str, **sizes: int) -> None:
             raise ValueError(f"{cls}: {name} must be a positive int, got {value!r}")
 
 
+def _layer_task_ids(layer: nn.Module, task_ids: Tensor | None) -> Tensor | None:
+    """The ids a layer runs with: its argument, else those of the innermost ``tk.task_ids`` block.
+
+    A layer recomputed during the backward (torch.utils.checkpoint) runs after the ``tk.task_ids`` block of its
+    forward has exited: with the ids of that block gone it would silently normalise with the task-major layout
+    and give wrong gradients. Each forward records whether it took its ids from a block (the reentrant checkpoint
+    runs it under no_grad); a recomputation (a forward inside a backward pass) that finds none where the forward
+    had some raises instead.
+    """
+    if task_ids is not None:
+        return task_ids
+    ids = current_task_ids()
+    if torch.compiler.is_compiling():
+        return ids   # the ids are an input of the traced graph, which its recomputation replays
+    if torch._C._current_graph_task_id() == -1:      # a forward, not a recomputation inside a backward
+        layer.__dict__["_forward_took_context_ids"] = ids is not None
+    elif ids is None and layer.__dict__.get("_forward_took_context_ids", False):
+        raise RuntimeError(
+            f"{type(layer).__name__}: recomputed during the backward (torch.utils.checkpoint) outside the "
+            "tk.task_ids(...) block its forward ran in, so it would normalise with the task-major layout instead "
+            "of those ids (wrong gradients). Pass the ids to the layers as task_ids=..., or re-enter the block "
+            "for the recomputation: checkpoint(fn, x, use_reentrant=False, "
+            "context_fn=lambda: (contextlib.nullcontext(), tk.task_ids(ids)))")
+    return ids
+
+
 def _refuse_torchscript(self):
     # torch.jit.script calls __prepare_scriptable__ on every submodule: fail there, by name, rather than deep
     # inside the compiler.
@@ -100,8 +126,7 @@ class _TSBatchNorm(nn.Module):
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
         self._check_input_dim(x)
-        if task_ids is None:
-            task_ids = current_task_ids()
+        task_ids = _layer_task_ids(self, task_ids)
         # As nn.BatchNorm: batch statistics whenever training or no running statistics are kept; the
         # running statistics are read in eval and updated in training when they are tracked.
         batch_stats = self.training or self.running_mean is None
@@ -189,8 +214,7 @@ class TSLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        if task_ids is None:
-            task_ids = current_task_ids()
+        task_ids = _layer_task_ids(self, task_ids)
         return ts_layer_norm(x, self.weight, self.bias, task_ids=task_ids, eps=self.eps, gate=self.gate,
                              backend=self.backend)
 
