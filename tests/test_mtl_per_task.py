@@ -11,6 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import tsbn_kernels as tk
 from tsbn_kernels import mtl
@@ -269,12 +270,13 @@ def test_one_backward_refuses_what_it_cannot_split_by_task():
     G, _ = capture.gradients(losses)
     torch.testing.assert_close(G, mtl.autograd_gradients(_block_losses(plain(x)), capture.params))
 
-    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    functional = nn.ModuleDict({"body": nn.Linear(8, 8), "proj": nn.Linear(8, 8)})   # proj used outside its forward
     tokens = torch.randn(T * N, 5, 8)
-    with mtl.OneBackward(encoder, T) as capture:
-        losses = _block_losses(encoder(tokens))
-    with pytest.raises(ValueError, match="self_attn.out_proj's parameters got a gradient but its forward was never"):
+    with mtl.OneBackward(functional, T) as capture:
+        losses = _block_losses(F.linear(functional.body(tokens), functional.proj.weight, functional.proj.bias))
+    with pytest.raises(ValueError, match="proj's parameters got a gradient but its forward was never called"):
         capture.gradients(losses)
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     unused = nn.Linear(8, 8)
     model = nn.ModuleDict({"encoder": encoder, "unused": unused})
     # (Part of the output: the squares of a whole LayerNorm output sum to a constant, so every gradient would be 0.)

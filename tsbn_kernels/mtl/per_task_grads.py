@@ -12,6 +12,7 @@ Fallback (any model): T autograd passes, one per task loss.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -24,9 +25,41 @@ from torch import Tensor, nn
 from .. import reference, validation
 from ..context import current_task_ids
 from ..modules import TSLayerNorm, _TSBatchNorm
+from . import attention
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LOOKALIKES = (nn.modules.conv._ConvNd, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)
+
+
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Piece:
+    """What one recorded call multiplies, of the parameters it splits: rows [offset, offset + rows) of a weight
+    (all of a Linear's or Conv's; a q/k/v slice of nn.MultiheadAttention's in_proj_weight) with the same rows of
+    a bias, or a bias alone (bias_k, bias_v: one vector per sample). weight/bias None: not split (frozen, absent).
+    batch_dim: the input's batch dimension (1: a seq-first transformer's feed-forward Linear on [L, B, E])."""
+    name: str
+    kind: str                      # "linear", "conv" or "bias"
+    owner: nn.Module               # the captured layer it belongs to
+    weight: Tensor | None
+    bias: Tensor | None
+    rows: int = 0                  # the weight's (and bias') rows used
+    offset: int = 0                # the first of the weight's
+    bias_offset: int = 0           # the first of the bias' (q/k/v_proj_weight: a weight each, one in_proj_bias)
+    batch_dim: int = 0
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+
+def _attention_params(mha: nn.MultiheadAttention) -> list[Tensor]:
+    """The trainable parameters of an nn.MultiheadAttention in G's column order."""
+    params = [mha.in_proj_weight, mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight, mha.in_proj_bias,
+              mha.bias_k, mha.bias_v, mha.out_proj.weight, mha.out_proj.bias]
+    return [p for p in params if p is not None and p.requires_grad]
 
 
 def _weight_grad_fn(conv: nn.Module):
@@ -109,9 +142,10 @@ class OneBackward:
     else mixes samples of different tasks; what breaks that raises a ValueError naming the layer instead of
     giving wrong gradients: a captured layer that ran on another batch (a stem run once and replicated without
     mtl.replicate, a per-task head), a BatchNorm with batch statistics over the tasks' samples, a captured
-    layer whose weight got a gradient without its forward being called (``nn.MultiheadAttention`` uses its
-    ``out_proj`` weight that way). Batch-first layouts only: a Linear's input splits along dim 0, a layer run on
-    k·batch rows must hold each sample's k rows together (``[B, k, ...]`` flattened, not ``torch.cat`` of k
+    layer whose weight got a gradient without its forward being called (``F.linear(x, layer.weight)``).
+    ``nn.MultiheadAttention`` is captured as one unit (see ``mtl.attention``): its in-projections, out_proj and
+    bias_k/bias_v are split by task as well. Batch-first layouts only: a Linear's input splits along dim 0, a
+    layer run on k·batch rows must hold each sample's k rows together (``[B, k, ...]`` flattened, not ``torch.cat`` of k
     batches). The first ``gradients`` call of each model checks the whole split against one more backward of a
     weighted sum of the losses (Σ_t c_t·G_t must equal its gradient), which catches any other mixing.
     """
@@ -119,6 +153,7 @@ class OneBackward:
     def __init__(self, model: nn.Module, num_tasks: int, modules: Iterable[nn.Module] | None = None,
                  before_replication: Iterable[Tensor] = ()):
         self.num_tasks = num_tasks
+        self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         candidates = list(modules) if modules is not None else list(model.modules())
         if modules is not None:
             # Layers of the kinds it splits' families that it does not (transposed convolutions, embeddings):
@@ -129,30 +164,57 @@ class OneBackward:
                                  f"modules= holds {[type(m).__name__ for m in unsplittable]}, which it cannot "
                                  "split (their gradients would be missing): leave them out and pass their "
                                  "parameters as task_params if task-specific, or use mtl.autograd_gradients")
+        # nn.MultiheadAttention: its forward is replaced by attention.mha_forward for the capture (its
+        # projections are recorded there, out_proj included, so out_proj is not captured as a Linear of its own).
+        self.attention = unique(m for m in candidates if isinstance(m, nn.MultiheadAttention) and _attention_params(m))
+        for m in self.attention:
+            why = attention.unsupported(m)
+            if why is not None:
+                raise ValueError(f"OneBackward cannot split the gradients of {self._name(m)}: {why}. "
+                                 "Leave it out of `modules=` (its parameters then get the summed gradient as "
+                                 "task_params) or use mtl.autograd_gradients")
+        in_attention = {id(m.out_proj) for m in self.attention}
         self.modules = unique(m for m in candidates                       # each once: a hook per call site
-                              if isinstance(m, _SUPPORTED) and m.weight.requires_grad)
+                              if isinstance(m, _SUPPORTED) and m.weight.requires_grad and id(m) not in in_attention)
         for m in self.modules:
             if not isinstance(m, nn.Linear) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
                 raise ValueError(f"OneBackward supports convolutions with numeric zero padding; {m} has "
                                  f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
-        if not self.modules:
+        if not self.modules and not self.attention:
             raise ValueError("OneBackward found no Conv/Linear layer with trainable weights to split by task")
+        # The feed-forward Linears of a seq-first (batch_first=False) nn.Transformer*Layer run on [L, B, E]: their
+        # batch dimension is 1. A task-specific norm there would split the sequence into task blocks instead.
+        seq_first = [m for m in model.modules() if isinstance(m, _TRANSFORMER_LAYERS) and not m.self_attn.batch_first]
+        batch_dims = {id(lin): 1 for m in seq_first for lin in (m.linear1, m.linear2)}
+        self._seq_first_norms = {id(n): self._name(m) for m in seq_first for n in m.modules()
+                                 if isinstance(n, (_TSBatchNorm, TSLayerNorm))}
+        self._pieces = {id(m): _Piece(self._name(m), "linear" if isinstance(m, nn.Linear) else "conv",
+                                      m, m.weight, m.bias if m.bias is not None and m.bias.requires_grad else None,
+                                      m.weight.shape[0], 0, 0, batch_dims.get(id(m), 0)) for m in self.modules}
+        # Every layer whose parameters G holds, with them in column order (module order, each parameter once).
+        self._units = [m for m in (candidates if modules is not None else model.modules())
+                       if any(m is u for u in (*self.modules, *self.attention))]
+        self._units = unique(self._units)
+        self._unit_params = {id(m): (_attention_params(m) if isinstance(m, nn.MultiheadAttention) else
+                                     [p for p in (m.weight, m.bias) if p is not None and p.requires_grad])
+                             for m in self._units}
         # Tied weights (one Parameter in two layers) get one column range, into which both layers' parts add.
         # before_replication: parameters used before mtl.replicate other than the captured layers' (a ViT's
         # position embedding and class token); their per-task gradients come from the replicated blocks too.
         self._extra_pre = [p for p in before_replication if p.requires_grad]
-        self.params = unique(p for p in [*(q for m in self.modules for q in (m.weight, m.bias)), *self._extra_pre]
-                             if p is not None and p.requires_grad)
+        self.params = unique(p for p in [*(q for m in self._units for q in self._unit_params[id(m)]),
+                                         *self._extra_pre] if p.requires_grad)
         # (replicated tensor's gradient edge, its rows, records before it)
         self._replications: list[tuple[torch.autograd.graph.GradientEdge, int, int]] = []
         self._tolerance = 0.0           # of the split check, from the precision the recorded layers ran in
         self.model = model
-        self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._task_norms = [m for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm))]
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # (layer, its input, the gradient edge of its output: the output as the layer made it, even when the model
-        # then changes it in place, as nn.ReLU(inplace=True) does)
-        self._records: list[tuple[nn.Module, Tensor, torch.autograd.graph.GradientEdge]] = []
+        # (what it multiplies, its input (batch first; None for a bias alone), the gradient edge of its output: the
+        # output as the layer made it, even when the model then changes it in place, as nn.ReLU(inplace=True)
+        # does, and its rows (samples, or k rows of each sample))
+        self._records: list[tuple[_Piece, Tensor | None, torch.autograd.graph.GradientEdge, int]] = []
+        self._attention_pieces: dict[tuple[int, str], _Piece] = {}
         self._norm_calls: list[tuple[nn.Module, int, Tensor | None]] = []
         self._batch_stat_calls: list[tuple[nn.Module, int]] = []
         self._handles = []
@@ -170,13 +232,32 @@ class OneBackward:
         self._handles += [m.register_forward_pre_hook(self._record_task_norm, with_kwargs=True)
                           for m in self._task_norms]
         self._handles += [m.register_forward_pre_hook(self._record_batch_norm) for m in self._batch_norms]
+        # A hook on a transformer layer turns its fused inference path (torch._transformer_encoder_layer_fwd, which
+        # uses every weight inside one op) off, whatever requires grad: the layer then calls its submodules.
+        self._handles += [m.register_forward_pre_hook(_keep_off_fast_path) for m in self.model.modules()
+                          if isinstance(m, _TRANSFORMER_LAYERS)]
+        self._replaced = []
+        try:
+            for m in self.attention:
+                if "forward" in vars(m):
+                    raise ValueError(f"{self._name(m)}: {attention.unsupported(m)} (another OneBackward capture of "
+                                     "it already running?)")
+                m.forward = functools.partial(self._attention_forward, m)
+                self._replaced.append(m)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        _active.remove(self)
+        if self in _active:
+            _active.remove(self)
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self._replaced:
+            del m.forward
+        self._replaced = []
 
     @torch.compiler.disable
     def _record_replication(self, out: Tensor) -> None:
@@ -199,25 +280,71 @@ class OneBackward:
         return self._names.get(id(module), type(module).__name__)
 
     def _owner_name(self, param: Tensor) -> str:
-        """The name of the captured layer that holds ``param`` as its weight or bias."""
-        return self._name(next(m for m in self.modules if param is m.weight or param is m.bias))
+        """The name of the captured layer that holds ``param`` (its weight or bias, an attention's projection)."""
+        return self._name(next(m for m in self._units if any(param is p for p in self._unit_params[id(m)])))
 
     # Never traced: inside a torch.compile'd model a traced hook would record tensors that the graph hands out as
     # extra outputs, cut off from the autograd path to the losses (every per-task gradient silently zero). Disabled,
     # the hook splits the graph there and records the real output.
     @torch.compiler.disable
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        self._append(self._pieces[id(module)], inputs[0], output)
+
+    def _append(self, piece: _Piece, x: Tensor | None, output: Tensor) -> None:
         if not output.requires_grad:
-            raise ValueError(f"the output of {self._name(module)} does not require grad; OneBackward needs the "
+            raise ValueError(f"the output of {piece.name} does not require grad; OneBackward needs the "
                              "shared layers to be trainable and their forward recorded by autograd (not under "
                              "torch.no_grad, nor inside a reentrant torch.utils.checkpoint: use use_reentrant=False); "
                              "a layer run under torch.no_grad on purpose (a frozen teacher) does not belong in the "
                              "capture: leave it out of `modules=` or set its requires_grad=False")
+        if piece.batch_dim and output.dim() <= piece.batch_dim + 1:
+            raise ValueError(f"{piece.name} (of a batch_first=False transformer layer) ran on an unbatched "
+                             f"{output.dim()}-D input: there is no batch dimension to split by task")
         self._note_precision(output)
-        self._records.append((module, inputs[0].detach(), torch.autograd.graph.get_gradient_edge(output)))
+        rows = output.shape[piece.batch_dim]
+        self._records.append((piece, None if x is None else x.detach(), torch.autograd.graph.get_gradient_edge(output),
+                              rows))
+
+    def _attention_piece(self, mha: nn.Module, label: str, weight: Tensor | None, bias: Tensor | None, rows: int,
+                         offset: int, bias_offset: int, kind: str = "linear") -> _Piece | None:
+        key = (id(mha), label)
+        piece = self._attention_pieces.get(key)
+        if piece is None:
+            weight = weight if weight is not None and weight.requires_grad else None
+            bias = bias if bias is not None and bias.requires_grad else None
+            piece = _Piece(f"{self._name(mha)}.{label}", kind, mha, weight, bias, rows, offset, bias_offset)
+            self._attention_pieces[key] = piece
+        return piece if piece.params else None
+
+    def _project(self, mha, label, x, weight, w_start, bias, b_start, rows):
+        """attention.mha_forward's projections: computed as plain_project does, recorded for the split."""
+        out = attention.plain_project(mha, label, x, weight, w_start, bias, b_start, rows)
+        piece = self._attention_piece(mha, label, weight, bias, rows, w_start, b_start)
+        if piece is not None:
+            self._append(piece, x, out)
+        return out
+
+    def _extend(self, mha, label, param, batch):
+        """bias_k / bias_v, one copy per sample: each sample's copy gets that sample's gradient."""
+        out = attention.plain_extend(mha, label, param, batch)
+        piece = self._attention_piece(mha, label, None, param, param.shape[-1], 0, 0, kind="bias")
+        if piece is not None:
+            self._append(piece, None, out)
+        return out
+
+    # Run eagerly under torch.compile (as the hooks: traced, what it records would be cut off from the losses).
+    @torch.compiler.disable
+    def _attention_forward(self, mha: nn.MultiheadAttention, *args, **kwargs):
+        attention.check_once(mha, args, kwargs)
+        return attention.mha_forward(mha, *args, **kwargs, project=self._project, extend=self._extend)
 
     @torch.compiler.disable
     def _record_task_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if id(module) in self._seq_first_norms:
+            raise ValueError(f"{self._name(module)} is a task-specific norm inside "
+                             f"{self._seq_first_norms[id(module)]}, a batch_first=False transformer layer: its "
+                             "input is [sequence, batch, ...], so it would split the sequence (dim 0) into task "
+                             "blocks; build the layer with batch_first=True")
         ids = kwargs.get("task_ids", args[1] if len(args) > 1 else None)
         self._norm_calls.append((module, args[0].shape[0], current_task_ids() if ids is None else ids))
 
@@ -229,7 +356,7 @@ class OneBackward:
     def _task_layout(self) -> tuple[int, Tensor | None]:
         """The batch the task-specific norms normalized (rows) and its per-sample task ids (None: T blocks)."""
         if not self._norm_calls:       # no task-specific norm: the widest captured layer ran on the whole batch
-            return max(x.shape[0] for _, x, _ in self._records), None
+            return max(rows for *_, rows in self._records), None
         rows = {n for _, n, _ in self._norm_calls}
         if len(rows) > 1:
             raise ValueError(f"the task-specific norms normalized batches of {sorted(rows)} rows in one forward; "
@@ -259,11 +386,11 @@ class OneBackward:
         return set(range(recorded_before))
 
     def _check_layout(self, batch: int, ids: Tensor | None, before: set[int] = frozenset()) -> None:
-        for i, (module, x, _) in enumerate(self._records):
+        for i, (piece, _, _, n) in enumerate(self._records):
             if i in before:
                 continue
-            if x.shape[0] % batch:
-                raise ValueError(f"{self._name(module)} ran on {x.shape[0]} rows, not on the batch of {batch} rows "
+            if n % batch:
+                raise ValueError(f"{piece.name} ran on {n} rows, not on the batch of {batch} rows "
                                  "that the task-specific norms normalize (nor on a multiple of it): its weight "
                                  "gradient cannot be split by task. Leave layers that run before the batch is "
                                  "replicated, or per task (heads), out of `modules=` and pass their parameters as "
@@ -299,21 +426,19 @@ class OneBackward:
         before = self._before_replication(batch, ids)
         self._check_layout(batch, ids, before)
         records = [r for i, r in enumerate(self._records) if i not in before]
-        pre_params = unique(p for p in [*(q for i, (m, _, _) in enumerate(self._records) if i in before
-                                          for q in (m.weight, m.bias)), *self._extra_pre]
-                            if p is not None and p.requires_grad)
+        pre_params = unique(p for p in [*(q for i, (piece, *_) in enumerate(self._records) if i in before
+                                          for q in piece.params), *self._extra_pre] if p.requires_grad)
         if self._extra_pre and not self._replications:
             raise ValueError("OneBackward was given before_replication parameters but the forward did not "
                              "replicate the batch with mtl.replicate")
         replicated = [self._replications[0][0]] if pre_params else []
-        edges = [edge for _, _, edge in records]
+        edges = [edge for _, _, edge, _ in records]
         other_params = list(other_params)
         # A captured layer whose forward never ran may still own weights the forward used (functionally, as
-        # nn.MultiheadAttention uses out_proj.weight): asking autograd for them tells an unused layer (no
-        # gradient, zero columns are right) from one whose per-task split would be missing.
-        recorded = {id(m) for m, _, _ in self._records}
-        unrecorded = [p for m in self.modules if id(m) not in recorded for p in (m.weight, m.bias)
-                      if p is not None and p.requires_grad]
+        # F.linear(x, layer.weight), or a fused op bypassing nn.MultiheadAttention's forward): asking autograd for
+        # them tells an unused layer (no gradient, zero columns are right) from one whose split would be missing.
+        recorded = {id(piece.owner) for piece, *_ in self._records}
+        unrecorded = unique(p for m in self._units if id(m) not in recorded for p in self._unit_params[id(m)])
         check = self.model not in _split_checked
         # every_parameter (a training step that gives every parameter its gradient), once per model with the split
         # check: a trainable parameter the losses reach that is neither split here nor one of other_params would
@@ -348,9 +473,17 @@ class OneBackward:
                              "shared layers, or set requires_grad=False on what is frozen")
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
+                owner = next(m for m in self._units if any(p is q for q in self._unit_params[id(m)]))
+                if isinstance(owner, nn.MultiheadAttention):
+                    raise ValueError(f"{self._name(owner)}'s parameters got a gradient but it never ran through "
+                                     "OneBackward's recorded forward (its weights were used by something else: "
+                                     "F.multi_head_attention_forward or a fused op called with them directly, or a "
+                                     "torch.compile graph made before the capture and not recompiled); its per-task "
+                                     "split is unknown. Call the module itself, leave it out of `modules=`, or use "
+                                     "mtl.autograd_gradients")
                 raise ValueError(f"{self._owner_name(p)}'s parameters got a gradient but its forward was never "
-                                 "called (its weight is used directly, as nn.MultiheadAttention uses out_proj); "
-                                 "its per-task split is unknown. Leave it out of `modules=` or use "
+                                 "called (its weight is used directly, as F.linear(x, layer.weight)); its per-task "
+                                 "split is unknown. Call the layer itself, leave it out of `modules=`, or use "
                                  "mtl.autograd_gradients")
         layout = {}
         offset = 0
@@ -363,24 +496,27 @@ class OneBackward:
         # Which params the losses reach (as backward() would give them a .grad at all): of a layer whose output
         # feeds no loss, the zero columns of G are no gradient.
         self.reached = set()
-        for (module, x, _), dy in zip(records, out_grads):
+        for (piece, x, _, n), dy in zip(records, out_grads):
             if dy is None:
                 continue
-            self.reached.update(id(q) for q in (module.weight, module.bias) if q is not None)
+            self.reached.update(id(q) for q in piece.params)
+            if piece.batch_dim:
+                x, dy = x.transpose(0, piece.batch_dim), dy.transpose(0, piece.batch_dim)
             if ids is None:
-                weight_grads, bias_grads = _per_block_grads(module, x, dy, self.num_tasks)
+                weight_grads, bias_grads = _per_block_grads(piece, x, dy, self.num_tasks)
             else:
-                repeats = x.shape[0] // batch
+                repeats = n // batch
                 if repeats not in orders:
                     row_ids = ids if repeats == 1 else ids.repeat_interleave(repeats)
                     orders[repeats] = (torch.argsort(row_ids, stable=True),
-                                       [n * repeats for n in self._task_sizes(ids)])
-                weight_grads, bias_grads = _per_task_grads_by_rows(module, x, dy, *orders[repeats])
-            start, size = layout[id(module.weight)]
-            G[:, start:start + size] += weight_grads.reshape(self.num_tasks, -1).to(G.dtype)
-            if module.bias is not None and module.bias.requires_grad:
-                start, size = layout[id(module.bias)]
-                G[:, start:start + size] += bias_grads.reshape(self.num_tasks, -1).to(G.dtype)
+                                       [k * repeats for k in self._task_sizes(ids)])
+                weight_grads, bias_grads = _per_task_grads_by_rows(piece, x, dy, *orders[repeats])
+            for param, split, first in ((piece.weight, weight_grads, piece.offset),
+                                        (piece.bias, bias_grads, piece.bias_offset)):
+                if param is not None:   # rows [first, first + rows) of param: a contiguous range of its elements
+                    split = split.reshape(self.num_tasks, -1)
+                    start = layout[id(param)][0] + first * (param.numel() // param.shape[0])
+                    G[:, start:start + split.shape[1]] += split.to(G.dtype)
         if pre_params and grads[-1] is not None:
             self._per_task_grads_before_replication(G, layout, grads[-1], pre_params, retain_graph=check)
         if check:
@@ -449,23 +585,27 @@ class OneBackward:
 LOOP_MIN_BLOCK_MACS = 5e7
 
 
-def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    """Weight and bias gradients of each of the T task blocks: [T, *weight.shape], [T, out].
+def _per_block_grads(piece: _Piece, x: Tensor | None, dy: Tensor, T: int) -> tuple[Tensor | None, Tensor | None]:
+    """Weight and bias gradients of each of the T task blocks: [T, *weight.shape], [T, out] (None: not split).
 
     Computed in the dtype the layer ran in, which its output gradient has: under autocast the ordinary backward
     forms the weight gradient from the cast input in that dtype too (and at its speed), then widens it.
     Convolutions: one weight-gradient convolution per block on the block's rows (views, nothing copied) when a
     block holds enough work, else one grouped convolution over the blocks set side by side in channels (a
     transposed copy of x and dy, one call)."""
+    if piece.kind == "bias":                # one copy of the bias per row: [B, ..., E]
+        return None, dy.reshape(T, -1, dy.shape[-1]).sum(dim=1)
     rows = x.shape[0] // T
     x = x.to(dy.dtype)
-    if isinstance(module, nn.Linear):
+    if piece.kind == "linear":
         xb = x.reshape(T, -1, x.shape[-1])
         gb = dy.reshape(T, -1, dy.shape[-1])
-        return torch.bmm(gb.transpose(1, 2), xb), gb.sum(dim=1)
+        return (None if piece.weight is None else torch.bmm(gb.transpose(1, 2), xb),
+                None if piece.bias is None else gb.sum(dim=1))
+    module = piece.owner
     # Splitting the batch dimension into [T, rows] is a view in every memory format.
     blocks_x, blocks_dy = x.reshape(T, rows, *x.shape[1:]), dy.reshape(T, rows, *dy.shape[1:])
-    bias = blocks_dy.sum(dim=(1, *range(3, blocks_dy.dim())))
+    bias = None if piece.bias is None else blocks_dy.sum(dim=(1, *range(3, blocks_dy.dim())))
     weight_grad_fn = _weight_grad_fn(module)
     conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
     if rows * math.prod(dy.shape[2:]) * module.weight.numel() >= LOOP_MIN_BLOCK_MACS:
@@ -479,19 +619,22 @@ def _per_block_grads(module: nn.Module, x: Tensor, dy: Tensor, T: int) -> tuple[
     return wg.reshape(T, *module.weight.shape), bias
 
 
-def _per_task_grads_by_rows(module: nn.Module, x: Tensor, dy: Tensor, order: Tensor, counts: list[int]
-                            ) -> tuple[Tensor, Tensor]:
+def _per_task_grads_by_rows(piece: _Piece, x: Tensor | None, dy: Tensor, order: Tensor, counts: list[int]
+                            ) -> tuple[Tensor | None, Tensor | None]:
     """Weight and bias gradients of each task from per-sample task ids: the rows gathered task by task (``order``
     sorts them by task, ``counts`` are the task sizes, some possibly 0), one weight gradient per task."""
-    x = x.to(dy.dtype).index_select(0, order)
     dy = dy.index_select(0, order)
+    if piece.kind == "bias":
+        return None, torch.stack([gt.reshape(-1, gt.shape[-1]).sum(dim=0) for gt in dy.split(counts)])
+    x = x.to(dy.dtype).index_select(0, order)
     weights, biases = [], []
     for xt, gt in zip(x.split(counts), dy.split(counts)):
-        if isinstance(module, nn.Linear):
+        if piece.kind == "linear":
             xt, gt = xt.reshape(-1, xt.shape[-1]), gt.reshape(-1, gt.shape[-1])
             weights.append(gt.transpose(0, 1) @ xt)
             biases.append(gt.sum(dim=0))
             continue
+        module = piece.owner
         biases.append(gt.sum(dim=(0, *range(2, gt.dim()))))
         if gt.shape[0] == 0:
             weights.append(module.weight.new_zeros(module.weight.shape, dtype=dy.dtype))
@@ -499,4 +642,9 @@ def _per_task_grads_by_rows(module: nn.Module, x: Tensor, dy: Tensor, order: Ten
         weights.append(_weight_grad_fn(module)(xt, module.weight.shape, gt, stride=module.stride,
                                                padding=module.padding, dilation=module.dilation,
                                                groups=module.groups))
-    return torch.stack(weights), torch.stack(biases)
+    return (None if piece.weight is None else torch.stack(weights),
+            None if piece.bias is None else torch.stack(biases))
+
+
+def _keep_off_fast_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook: its presence keeps an nn.TransformerEncoderLayer off its fused inference path."""
