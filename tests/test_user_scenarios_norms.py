@@ -195,3 +195,17 @@ def test_activation_checkpointing_with_task_ids_context(backend, mode):
     (twin(x) * weights).sum().backward()
     for ours, theirs in zip(ckpt.parameters(), twin.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, **tolerance(torch.float32))
+
+
+def test_numpy_integer_sizes_are_accepted_as_by_nn():
+    # Widths read from a numpy config array: nn.BatchNorm2d(np.int64(4)) and nn.LayerNorm(np.int64(8)) work.
+    bn = tk.TSBatchNorm2d(np.int64(4), np.int32(2))
+    ln = tk.TSLayerNorm(np.int64(8), np.int64(2))
+    assert type(bn.num_features) is int and type(bn.num_tasks) is int and ln.normalized_shape == (8,)
+    x = make_input((4, 4, 3, 3), offset=4.0)
+    torch.testing.assert_close(bn(x), reference.ts_batch_norm(x, bn.weight, None, num_tasks=2),
+                               **tolerance(torch.float32))
+    with pytest.raises(ValueError, match="positive int"):
+        tk.TSBatchNorm2d(True, 2)
+    with pytest.raises(ValueError, match="positive int"):
+        tk.TSLayerNorm(8.0, 2)

@@ -4,6 +4,7 @@ leading task dimension on every parameter and buffer. The layers are thin: all w
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from .functional import ts_batch_norm, ts_layer_norm
 
 def _check_sizes(cls: str, **sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{cls}: {name} must be a positive int, got {value!r}")
 
 
@@ -66,6 +67,7 @@ class _TSBatchNorm(nn.Module):
         super().__init__()
         name = type(self).__name__
         _check_sizes(name, num_features=num_features, num_tasks=num_tasks)
+        num_features, num_tasks = int(num_features), int(num_tasks)   # numpy integers too, as nn.BatchNorm
         validation.check_scalars(name, eps, gate, momentum, activation)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -186,15 +188,20 @@ class TSLayerNorm(nn.Module):
                  gate: str = "sigmoid", bias: bool | None = None, backend: str = "auto", device=None,
                  dtype=None) -> None:
         super().__init__()
-        if isinstance(normalized_shape, int):
+        if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
+        try:
+            normalized_shape = tuple(normalized_shape)
+        except TypeError:
+            raise ValueError("TSLayerNorm: normalized_shape must be a positive int or a sequence of them, got "
+                             f"{normalized_shape!r}") from None
         _check_sizes(type(self).__name__, num_tasks=num_tasks,
-                     **{f"normalized_shape[{i}]": s for i, s in enumerate(self.normalized_shape)})
-        if not self.normalized_shape:
+                     **{f"normalized_shape[{i}]": s for i, s in enumerate(normalized_shape)})
+        if not normalized_shape:
             raise ValueError("TSLayerNorm: normalized_shape must not be empty")
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
         validation.check_scalars(type(self).__name__, eps, gate)
-        self.num_tasks = num_tasks
+        self.num_tasks = int(num_tasks)
         self.eps = eps
         self.gate = gate
         self.backend = backend
