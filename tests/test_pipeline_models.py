@@ -8,6 +8,7 @@ import torch
 
 import tsbn_kernels as tk
 from tsbn_kernels.pipeline import check, models, vit
+from tsbn_kernels.pipeline.celeba_data import ATTRIBUTES
 
 
 def test_resnet50_has_torchvision_names_and_loads_a_checkpoint(tmp_path):
@@ -129,7 +130,8 @@ def test_pascal_vit_at_a_non_square_size_end_to_end(tmp_path):
 def test_celeba_model_has_40_heads():
     model = models.build_model("celeba", width=8)
     out = model(torch.randn(2, 3, 16, 16))
-    assert len(out) == 40 and out["attr39"].shape == (2, 1)
+    assert list(out) == list(ATTRIBUTES) and out["Young"].shape == (2, 1)
+    assert model.tasks == list(ATTRIBUTES)              # train_loss keys are the metrics' attribute names
 
 
 def test_check_compares_each_step_from_the_eager_state(capsys):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..convert import convert_batchnorm, convert_layernorm
 from ..modules import TSLayerNorm, _TSBatchNorm
 from ..mtl.per_task_grads import replicate as replicate_batch
+from .celeba_data import ATTRIBUTES
 from .vit import VisionTransformer, load_timm_state, vit_small
 
 NORMS = ("bn", "tsbn", "tssigmabn")
@@ -237,8 +238,9 @@ def build_model(benchmark: str, norm: str = "tssigmabn", width: int = 64, head_w
                  for task, channels in DENSE_TASKS[benchmark].items()}
     else:
         encoder = resnet18(width)
-        heads = {f"attr{i:02d}": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                               nn.Linear(encoder.out_channels, 1)) for i in range(40)}
+        # One head per attribute, named as the metrics, the losses and list_attr_celeba.txt name it.
+        heads = {name: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, 1))
+                 for name in ATTRIBUTES}
     if pretrained:
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         if isinstance(encoder, VisionTransformer):
