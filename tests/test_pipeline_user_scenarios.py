@@ -232,3 +232,37 @@ def test_a_label_outside_the_classes_names_its_file(tmp_path, value):
     assert dataset[0]["segmentation"].max() <= 6
     with pytest.raises(ValueError, match=r"label_7/1\.npy holds label .*outside the cityscapes classes"):
         dataset[1]
+
+
+def test_a_sample_of_another_size_names_its_file(tmp_path):
+    # One image re-exported at another resolution: default_collate's "stack expects each tensor to be equal size"
+    # from the middle of an epoch named no file.
+    dense_data.synthesize("cityscapes", tmp_path, 3, "train", size=(8, 16))
+    dense_data.synthesize("cityscapes", tmp_path / "other", 1, "train", size=(8, 12))
+    for folder in ("image", "label_7", "depth"):
+        (tmp_path / "other" / "train" / folder / "0.npy").replace(tmp_path / "train" / folder / "2.npy")
+    dataset = data.DenseDataset("cityscapes", tmp_path, "train")
+    assert dataset[1]["image"].shape == (3, 8, 16)
+    with pytest.raises(ValueError, match=r"image/2\.npy is 8x12, but .*image/0\.npy is 8x16"):
+        dataset[2]
+
+
+def test_synthetic_data_of_other_settings_is_not_reused_silently(tmp_path, capsys):
+    # A second run in the same --out (the first stopped before its checkpoint) with another --train-size trained
+    # on the first run's data without a word; a resume with one kept the old data and did not say so.
+    (tmp_path / "data.partial" / "train").mkdir(parents=True)    # left by an interrupted write: made anew
+    assert run(tmp_path, "--steps", "1") == 0
+    assert not (tmp_path / "data.partial").exists()
+    made = json.loads((tmp_path / "data" / "synthetic.json").read_text())
+    assert made["train_size"] == 4 and made["size"] == [16, 32]
+    assert len(list((tmp_path / "data" / "train" / "image").glob("*.npy"))) == 4
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(SystemExit, match=r"made with --train-size 4 \(now 6\); delete .*data"):
+        train.main(["cityscapes", "--out", str(tmp_path), "--size", "16", "32", *TINY, "--train-size", "6",
+                    "--steps", "1"])
+    assert run(tmp_path / "again", "--steps", "1") == 0
+    capsys.readouterr()
+    assert train.main(["cityscapes", "--out", str(tmp_path / "again"), "--size", "16", "32", *TINY,
+                       "--train-size", "6", "--steps", "2", "--resume"]) == 0
+    assert "train_size: 4 -> 6 (the synthetic data made at the start stays)" in capsys.readouterr().err
+    assert len(list((tmp_path / "again" / "data" / "train" / "image").glob("*.npy"))) == 4

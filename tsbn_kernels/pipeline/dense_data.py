@@ -91,6 +91,14 @@ class DenseDataset(torch.utils.data.Dataset):
                 more = f" (and {len(missing) - 1} more of the {len(self.indices)} samples)" if len(missing) > 1 else ""
                 raise FileNotFoundError(f"missing data file {directory / f'{missing[0]}.npy'}{more}: {image_dir} "
                                         f"holds {missing[0]}.npy")
+        # The size every sample must have for a batch to stack: the first image's (its header alone is read).
+        # A file of another size is then an error naming it, not default_collate's "stack expects each tensor to
+        # be equal size" from the middle of an epoch.
+        self._first_image = image_dir / f"{self.indices[0]}.npy"
+        try:
+            self.size = tuple(np.load(self._first_image, mmap_mode="r", allow_pickle=False).shape[:2])
+        except (ValueError, OSError, EOFError):
+            self.size = None                          # corrupt: __getitem__ names the file when it reads it
         self.augment = augment
         self.seed, self.epoch = seed, 0
 
@@ -120,6 +128,10 @@ class DenseDataset(torch.utils.data.Dataset):
         shapes = {k: tuple(v.shape[-2:]) for k, v in out.items()}
         if len(set(shapes.values())) != 1:
             raise DatasetError(f"{self.spec.name} sample {i} in {self.dir}: spatial sizes differ: {shapes}")
+        if self.size is not None and shapes["image"] != self.size:
+            raise DatasetError(f"data file {self.dir / folders['image'] / f'{i}.npy'} is {shapes['image'][0]}x"
+                               f"{shapes['image'][1]}, but {self._first_image} is {self.size[0]}x{self.size[1]}: "
+                               "the samples of a split must have one size to be batched; resize the files")
         if not self.augment:
             return out
         return random_scale_flip(out, sample_generator(self.seed, self.epoch, item), disparity=self.spec.disparity)

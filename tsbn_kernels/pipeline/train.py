@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -79,8 +80,44 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
         raise
 
 
+SYNTHETIC_SETTINGS = ("benchmark", "train_size", "val_size", "seed", "size")
+
+
 def write_synthetic(args, root: pathlib.Path) -> None:
-    """The synthetic dataset of --data synthetic, in the benchmark's real on-disk format (once)."""
+    """The synthetic dataset of --data synthetic, in the benchmark's real on-disk format (once), with the settings
+    it was made with in synthetic.json: a later run in the same --out with other ones would otherwise train on
+    the old data without a word. A resume keeps the data it started with (check_run_directory says so)."""
+    manifest = root / "synthetic.json"
+    wanted = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
+              if k in SYNTHETIC_SETTINGS}
+    if manifest.exists():
+        try:
+            made = json.loads(manifest.read_text())
+        except ValueError:
+            made = None
+        if made == wanted or args.resume:
+            return
+        differ = (", ".join(f"--{k.replace('_', '-')} {made.get(k)!r} (now {wanted[k]!r})" for k in wanted
+                            if made.get(k) != wanted[k]) if isinstance(made, dict) else f"unreadable {manifest}")
+        raise SystemExit(f"tsbn-train: {root} holds synthetic data made with {differ}; delete {root} to make it "
+                         "anew, or choose another --out")
+    elif root.exists() and any(root.iterdir()):
+        if args.resume:
+            return                      # data of a run from before synthetic.json: kept as it is
+        raise SystemExit(f"tsbn-train: {root} holds data without a synthetic.json (not written by tsbn-train, or "
+                         f"by an older version): delete it to make the synthetic data anew, or choose another --out")
+    # Written beside and renamed into place when complete: an interrupted write leaves no half dataset that a
+    # later run would take for the whole one.
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _write_synthetic(args, partial)
+    (partial / "synthetic.json").write_text(json.dumps(wanted))
+    if root.exists():
+        root.rmdir()                    # empty (checked above)
+    partial.replace(root)
+
+
+def _write_synthetic(args, root: pathlib.Path) -> None:
     if args.benchmark == "celeba":
         if not (root / "list_eval_partition.txt").exists():
             total = args.train_size + 2 * args.val_size
@@ -302,7 +339,10 @@ def check_run_directory(args, out: pathlib.Path, world_size: int = 1) -> None:
     if clash:
         raise SystemExit(f"tsbn-train: the run in {out} was started with " + ", ".join(clash)
                          + "; resume it with the same settings, or start a new run in another --out")
-    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
+    kept = " (the synthetic data made at the start stays)"
+    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" + (kept if k in SYNTHETIC_SETTINGS and args.data == "synthetic"
+                                                        else "")
+               for k, v in current.items()
                if k not in RESUME_FREE and k not in RESUME_MUST_MATCH and previous.get(k) != v]
     before = config.get("world_size", 1)
     if before != world_size:   # --batch is per process: the global batch changes with the number of processes
