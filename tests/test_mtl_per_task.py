@@ -723,3 +723,45 @@ def test_a_shared_layer_no_loss_reaches_keeps_no_grad(one_backward):
                                 task_params=[*net.heads.parameters(), *net.bn1.parameters(), *net.bn2.parameters()])
     assert net.aux.weight.grad is None and net.aux.bias.grad is None
     assert all(p.grad is not None for p in shared[:-2])
+
+
+class _LayerScaleNet(Net):
+    """Net with a raw shared parameter after the task-specific norm (a layer scale), which OneBackward cannot
+    split: by default it lands among the task_params and would get the plain sum of the tasks' gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x))) * self.layer_scale.view(1, -1, 1, 1)
+        h = self.bn2(self.conv2(h)).mean(dim=(2, 3))
+        return torch.relu(self.fc(h))
+
+
+def test_a_shared_raw_parameter_among_the_default_task_params_is_named(recwarn):
+    torch.manual_seed(0)
+    x, targets = torch.randn(N, 3, 9, 9), torch.randn(T, N)
+    net = Net()                    # heads and norms only: each element is one task's, nothing to say
+    for _ in range(2):
+        with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+            losses = net.losses(x, targets)
+        mtl.backward_aggregated(losses, method="upgrad", capture=capture)
+    assert not [w for w in recwarn if "several tasks" in str(w.message)]
+
+    net = _LayerScaleNet()
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        losses = net.losses(x, targets)
+    with pytest.warns(UserWarning, match=r"layer_scale get gradients from several tasks' losses but are not among"):
+        mtl.backward_aggregated(losses, method="upgrad", capture=capture)
+    assert net.layer_scale.grad is not None
+    recwarn.clear()
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:       # once per model
+        losses = net.losses(x, targets)
+    mtl.backward_aggregated(losses, method="upgrad", capture=capture)
+    net = _LayerScaleNet()                          # an explicit task_params list is the user's choice
+    with mtl.OneBackward(net, T, modules=[net.conv1, net.conv2, net.fc]) as capture:
+        losses = net.losses(x, targets)
+    mtl.backward_aggregated(losses, method="upgrad", capture=capture,
+                            task_params=[p for n, p in net.named_parameters() if n.startswith(("heads", "bn", "layer"))])
+    assert not [w for w in recwarn if "several tasks" in str(w.message)]

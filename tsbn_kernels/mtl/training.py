@@ -1,13 +1,19 @@
 """One training-step helper: per-task gradients, aggregation, and the result left in .grad."""
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .gramian import combine, gramian
+from ..modules import TSLayerNorm, _TSBatchNorm
 from .per_task_grads import OneBackward, _autograd_gradients, _stack_losses, unique
+
+# Models whose default task_params were checked for parameters several tasks share (once per model).
+_task_params_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequence[Tensor] | None = None,
@@ -70,6 +76,8 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
     if task_params is None:
         task_params = [] if capture is None else [p for p in capture.model.parameters()
                                                   if p.requires_grad and id(p) not in shared_ids]
+        if capture is not None and capture.model not in _task_params_checked:
+            _warn_about_shared_task_params(losses, capture.model, task_params)
     task_params = unique(task_params)
     both = [i for i, p in enumerate(task_params) if id(p) in shared_ids]
     if both:
@@ -106,6 +114,36 @@ def backward_aggregated(losses: Tensor | Sequence[Tensor], shared_params: Sequen
             p.grad = g if p.grad is None else p.grad + g
     return {"weights": w.detach(), "gramian": M.detach(), "grad_norms": M.diagonal().clamp_min(0).sqrt().detach(),
             "losses": reported}
+
+
+def _warn_about_shared_task_params(losses: Tensor, model: nn.Module, task_params: Sequence[Tensor]) -> None:
+    """Warn about the parameters of the default task_params (every parameter OneBackward does not split) that more
+    than one task's loss reaches element by element: a raw nn.Parameter of the shared trunk (a layer scale, a class
+    token used after mtl.replicate) would get the plain sum of the tasks' gradients, not the aggregate, silently.
+    The parameters of task-specific norms and of per-task heads are one task's each (per element), so they cost
+    nothing here but a backward through the heads; run once per model, on its first step."""
+    _task_params_checked.add(model)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm)) for p in m.parameters()}
+    candidates = [p for p in unique(task_params) if id(p) not in norm_params]
+    if not candidates or losses.dim() != 1 or losses.shape[0] < 2 or not losses.requires_grad:
+        return
+    reached = [torch.zeros(p.shape, dtype=torch.int32, device=p.device) for p in candidates]
+    for t in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[t], candidates, retain_graph=True, allow_unused=True)
+        for count, g in zip(reached, grads):
+            if g is not None:
+                count += (g != 0).to(torch.int32)
+    shared = [p for p, count in zip(candidates, reached) if bool((count > 1).any())]
+    if shared:
+        names = {id(p): n for n, p in model.named_parameters()}
+        listed = ", ".join(names.get(id(p), f"a {tuple(p.shape)} parameter") for p in shared[:5])
+        more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+        warnings.warn(f"backward_aggregated: {listed}{more} get gradients from several tasks' losses but are not "
+                      "among the parameters OneBackward splits, so they receive the plain sum of the tasks' "
+                      "gradients, not the aggregate. If they are shared parameters: pass those used before "
+                      "mtl.replicate as before_replication=, or aggregate them with backward_aggregated(losses, "
+                      "shared_params=...) (T autograd passes); pass task_params= explicitly to keep the sum and "
+                      "silence this", stacklevel=3)
 
 
 def average_across_ranks_(tensors: Sequence[Tensor], process_group=None) -> None:
