@@ -72,6 +72,43 @@ def test_per_task_grads(benchmark, measure, contender):
             contender=contender, ours=contender == "one_backward", rounds=(5, 1), graph=False)
 
 
+# A ViT-S-like encoder of torch's own layers (nn.TransformerEncoderLayer, batch-first, TSσLN): OneBackward splits
+# its nn.MultiheadAttention through the functional forward of mtl.attention.
+VIT_D, VIT_LAYERS, VIT_TOKENS, VIT_N = (16, 1, 8, 2) if SMOKE else (384, 4, 197, 4) if DEVICE == "cuda" else \
+    (96, 2, 65, 4)
+
+
+@pytest.mark.parametrize("contender", ["one_backward", "per_task_loop", "ordinary_backward"])
+def test_per_task_grads_transformer(benchmark, measure, contender):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(VIT_D, max(VIT_D // 64, 2), 4 * VIT_D, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+    encoder = tk.convert_layernorm(nn.TransformerEncoder(layer, VIT_LAYERS, enable_nested_tensor=False), T)
+    encoder = encoder.to(DEVICE)
+    heads = nn.ModuleList(nn.Linear(VIT_D, 1) for _ in range(T)).to(DEVICE)
+    tokens = torch.randn(VIT_N, VIT_TOKENS, VIT_D, device=DEVICE)
+    y = torch.randn(T, VIT_N, device=DEVICE)
+    shared = [p for n, p in encoder.named_parameters() if "norm" not in n]
+
+    def losses_of():
+        feats = encoder(tokens.repeat(T, 1, 1))[:, 0].view(T, VIT_N, -1)
+        return torch.stack([nn.functional.mse_loss(heads[t](feats[t]).squeeze(1), y[t]) for t in range(T)])
+
+    def step():
+        if contender == "one_backward":
+            with mtl.OneBackward(encoder, T) as capture:
+                losses = losses_of()
+            return capture.gradients(losses)[0]
+        losses = losses_of()
+        if contender == "per_task_loop":
+            return mtl.autograd_gradients(losses, shared)
+        return torch.autograd.grad(losses.sum(), shared)
+    params = sum(p.numel() for p in shared)
+    measure(benchmark, step, bytes_moved=T * params * 4,
+            group=f"per_task_grads/transformer-D{VIT_D}x{VIT_LAYERS}-T{T}-N{VIT_N}-L{VIT_TOKENS}",
+            contender=contender, ours=contender == "one_backward", rounds=(5, 1), graph=False)
+
+
 PIPELINE_SCALE = {  # benchmark: (width, (H, W), N) — GPU: the real model; CPU/smoke: small enough to run
     "nyuv2": (64, (288, 384), 2) if DEVICE == "cuda" else (8, (72, 96), 2),
     "cityscapes": (64, (128, 256), 8) if DEVICE == "cuda" else (8, (32, 64), 4),
