@@ -765,3 +765,23 @@ def test_a_shared_raw_parameter_among_the_default_task_params_is_named(recwarn):
     mtl.backward_aggregated(losses, method="upgrad", capture=capture,
                             task_params=[p for n, p in net.named_parameters() if n.startswith(("heads", "bn", "layer"))])
     assert not [w for w in recwarn if "several tasks" in str(w.message)]
+
+
+def test_a_parameter_outside_the_model_that_reaches_the_losses_is_refused():
+    """backward() would train it; backward_aggregated's step gave it no gradient, silently: heads kept outside the
+    captured model, or the log-variances of a learned loss weighting multiplied into the losses."""
+    torch.manual_seed(0)
+    x, targets = torch.randn(N, 3, 9, 9), torch.randn(T, N)
+    net = Net()
+    body = nn.ModuleDict({"conv1": net.conv1, "bn1": net.bn1, "conv2": net.conv2, "bn2": net.bn2, "fc": net.fc})
+    log_var = nn.Parameter(torch.zeros(T))
+    with mtl.OneBackward(body, T) as capture:
+        losses = net.losses(x, targets) * log_var.exp()
+    # the 3 heads' weights and biases, and log_var
+    with pytest.raises(ValueError, match=r"7 parameter\(s\) outside the captured model reach the losses"):
+        mtl.backward_aggregated(losses, method="upgrad", capture=capture)
+    with mtl.OneBackward(body, T) as capture:
+        losses = net.losses(x, targets) * log_var.exp()
+    task = [*net.heads.parameters(), *net.bn1.parameters(), *net.bn2.parameters(), log_var]
+    mtl.backward_aggregated(losses, method="upgrad", capture=capture, task_params=task)
+    assert all(p.grad is not None for p in task)

@@ -446,6 +446,8 @@ class OneBackward:
         known = {id(p) for p in (*self.params, *other_params, *unrecorded)}
         unassigned = [(name, p) for name, p in self.model.named_parameters()
                       if every_parameter and check and p.requires_grad and id(p) not in known]
+        if every_parameter and check:
+            _refuse_outside_parameters(losses, known | {id(p) for p in self.model.parameters()})
         inputs = edges + other_params + unrecorded + [p for _, p in unassigned] + replicated
         try:
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=bool(pre_params) or check)
@@ -577,6 +579,32 @@ class OneBackward:
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
                                  "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
         _split_checked.add(self.model)
+
+
+def _refuse_outside_parameters(losses: Tensor, known: set[int]) -> None:
+    """Raise when an nn.Parameter that is not the model's (nor split, nor passed) reaches the losses: backward()
+    would give it a gradient, backward_aggregated none (a learned loss weighting's log-variances multiplied into
+    the losses, a second model's layer). Found by walking the losses' autograd graph to its leaves, once per model."""
+    if losses.grad_fn is None:
+        return
+    seen, stack, outside = set(), [losses.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)          # AccumulateGrad: the leaf tensor it accumulates into
+        if leaf is not None:
+            if isinstance(leaf, nn.Parameter) and leaf.requires_grad and id(leaf) not in known:
+                outside.append(leaf)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if outside:
+        shapes = ", ".join(str(tuple(p.shape)) for p in outside[:5]) + (f" and {len(outside) - 5} more"
+                                                                         if len(outside) > 5 else "")
+        raise ValueError(f"{len(outside)} parameter(s) outside the captured model reach the losses (shapes "
+                         f"{shapes}): backward_aggregated would give them no gradient. Pass them in task_params "
+                         "(e.g. a learned loss weighting's parameters), or detach what should not be trained")
 
 
 # Per-block weight-gradient work (multiply-adds) from which one convolution per block beats one grouped convolution
