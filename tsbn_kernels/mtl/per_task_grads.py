@@ -45,8 +45,7 @@ class _Piece:
     owner: nn.Module               # the captured layer it belongs to
     weight: Tensor | None
     bias: Tensor | None
-    rows: int = 0                  # the weight's (and bias') rows used
-    offset: int = 0                # the first of the weight's
+    offset: int = 0                # the first of the weight's rows used
     bias_offset: int = 0           # the first of the bias' (q/k/v_proj_weight: a weight each, one in_proj_bias)
     batch_dim: int = 0
 
@@ -190,11 +189,10 @@ class OneBackward:
                                  if isinstance(n, (_TSBatchNorm, TSLayerNorm))}
         self._pieces = {id(m): _Piece(self._name(m), "linear" if isinstance(m, nn.Linear) else "conv",
                                       m, m.weight, m.bias if m.bias is not None and m.bias.requires_grad else None,
-                                      m.weight.shape[0], 0, 0, batch_dims.get(id(m), 0)) for m in self.modules}
+                                      batch_dim=batch_dims.get(id(m), 0)) for m in self.modules}
         # Every layer whose parameters G holds, with them in column order (module order, each parameter once).
-        self._units = [m for m in (candidates if modules is not None else model.modules())
-                       if any(m is u for u in (*self.modules, *self.attention))]
-        self._units = unique(self._units)
+        captured = {id(m) for m in (*self.modules, *self.attention)}
+        self._units = unique(m for m in candidates if id(m) in captured)
         self._unit_params = {id(m): (_attention_params(m) if isinstance(m, nn.MultiheadAttention) else
                                      [p for p in (m.weight, m.bias) if p is not None and p.requires_grad])
                              for m in self._units}
@@ -279,9 +277,12 @@ class OneBackward:
     def _name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
 
+    def _owner(self, param: Tensor) -> nn.Module:
+        """The captured layer that holds ``param`` (its weight or bias, an attention's projection)."""
+        return next(m for m in self._units if any(param is p for p in self._unit_params[id(m)]))
+
     def _owner_name(self, param: Tensor) -> str:
-        """The name of the captured layer that holds ``param`` (its weight or bias, an attention's projection)."""
-        return self._name(next(m for m in self._units if any(param is p for p in self._unit_params[id(m)])))
+        return self._name(self._owner(param))
 
     # Never traced: inside a torch.compile'd model a traced hook would record tensors that the graph hands out as
     # extra outputs, cut off from the autograd path to the losses (every per-task gradient silently zero). Disabled,
@@ -305,21 +306,21 @@ class OneBackward:
         self._records.append((piece, None if x is None else x.detach(), torch.autograd.graph.get_gradient_edge(output),
                               rows))
 
-    def _attention_piece(self, mha: nn.Module, label: str, weight: Tensor | None, bias: Tensor | None, rows: int,
+    def _attention_piece(self, mha: nn.Module, label: str, weight: Tensor | None, bias: Tensor | None,
                          offset: int, bias_offset: int, kind: str = "linear") -> _Piece | None:
         key = (id(mha), label)
         piece = self._attention_pieces.get(key)
         if piece is None:
             weight = weight if weight is not None and weight.requires_grad else None
             bias = bias if bias is not None and bias.requires_grad else None
-            piece = _Piece(f"{self._name(mha)}.{label}", kind, mha, weight, bias, rows, offset, bias_offset)
+            piece = _Piece(f"{self._name(mha)}.{label}", kind, mha, weight, bias, offset, bias_offset)
             self._attention_pieces[key] = piece
         return piece if piece.params else None
 
     def _project(self, mha, label, x, weight, w_start, bias, b_start, rows):
         """attention.mha_forward's projections: computed as plain_project does, recorded for the split."""
         out = attention.plain_project(mha, label, x, weight, w_start, bias, b_start, rows)
-        piece = self._attention_piece(mha, label, weight, bias, rows, w_start, b_start)
+        piece = self._attention_piece(mha, label, weight, bias, w_start, b_start)
         if piece is not None:
             self._append(piece, x, out)
         return out
@@ -327,7 +328,7 @@ class OneBackward:
     def _extend(self, mha, label, param, batch):
         """bias_k / bias_v, one copy per sample: each sample's copy gets that sample's gradient."""
         out = attention.plain_extend(mha, label, param, batch)
-        piece = self._attention_piece(mha, label, None, param, param.shape[-1], 0, 0, kind="bias")
+        piece = self._attention_piece(mha, label, None, param, 0, 0, kind="bias")
         if piece is not None:
             self._append(piece, None, out)
         return out
@@ -475,7 +476,7 @@ class OneBackward:
                              "shared layers, or set requires_grad=False on what is frozen")
         for p, g in zip(unrecorded, unrecorded_grads):
             if g is not None:
-                owner = next(m for m in self._units if any(p is q for q in self._unit_params[id(m)]))
+                owner = self._owner(p)
                 if isinstance(owner, nn.MultiheadAttention):
                     raise ValueError(f"{self._name(owner)}'s parameters got a gradient but it never ran through "
                                      "OneBackward's recorded forward (its weights were used by something else: "

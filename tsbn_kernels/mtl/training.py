@@ -124,7 +124,7 @@ def _warn_about_shared_task_params(losses: Tensor, model: nn.Module, task_params
     nothing here but a backward through the heads; run once per model, on its first step."""
     _task_params_checked.add(model)
     norm_params = {id(p) for m in model.modules() if isinstance(m, (_TSBatchNorm, TSLayerNorm)) for p in m.parameters()}
-    candidates = [p for p in unique(task_params) if id(p) not in norm_params]
+    candidates = [p for p in task_params if id(p) not in norm_params]
     if not candidates or losses.dim() != 1 or losses.shape[0] < 2 or not losses.requires_grad:
         return
     reached = [torch.zeros(p.shape, dtype=torch.int32, device=p.device) for p in candidates]

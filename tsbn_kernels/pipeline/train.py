@@ -119,16 +119,13 @@ def write_synthetic(args, root: pathlib.Path) -> None:
 
 def _write_synthetic(args, root: pathlib.Path) -> None:
     if args.benchmark == "celeba":
-        if not (root / "list_eval_partition.txt").exists():
-            total = args.train_size + 2 * args.val_size
-            celeba_data.synthesize(root, total, seed=args.seed,
-                                   splits=(args.train_size / total, args.val_size / total, args.val_size / total))
+        total = args.train_size + 2 * args.val_size
+        celeba_data.synthesize(root, total, seed=args.seed,
+                               splits=(args.train_size / total, args.val_size / total, args.val_size / total))
     elif args.benchmark == "pascal":
-        if not (root / "ImageSets").exists():
-            total = args.train_size + args.val_size
-            pascal_data.synthesize(root, total, seed=args.seed, size=tuple(args.size),
-                                   val_fraction=args.val_size / total)
-    elif not (root / "val").exists():
+        total = args.train_size + args.val_size
+        pascal_data.synthesize(root, total, seed=args.seed, size=tuple(args.size), val_fraction=args.val_size / total)
+    else:
         synthesize(args.benchmark, root, args.train_size, "train", seed=args.seed, size=tuple(args.size))
         synthesize(args.benchmark, root, args.val_size, "val", seed=args.seed + 1, size=tuple(args.size))
 
