@@ -17,6 +17,18 @@ TORCH_LIBRARY_FRAGMENT(tsbn, m) {
       "ts_bn_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
       "Tensor? task_ids, int num_tasks, bool training, bool sigmoid_gate, bool relu) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The passes of the cross-process path (tsbn_kernels/sync_batch_norm.py), which runs collectives on the
+  // [T, C] results between them: this process's mean, biased variance and element count per task (the
+  // accumulation dtype); its gradient sums Σ dy' and Σ dy'·(x − mean) (dy' is dy through the recomputed relu;
+  // float64 on the CPU); and dx from the sums and counts of every process.
+  m.def("ts_bn_batch_stats(Tensor x, Tensor? task_ids, int num_tasks) -> (Tensor mean, Tensor var, Tensor count)");
+  m.def(
+      "ts_bn_backward_reduce(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor? task_ids, int num_tasks, bool sigmoid_gate, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "ts_bn_backward_elemt(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor sum_dy, Tensor sum_dy_xmu, Tensor count, Tensor? task_ids, int num_tasks, bool sigmoid_gate, "
+      "bool relu) -> Tensor grad_x");
   // running ← (1 − f_t)·running + f_t·stat for every task with count > 0, with the unbiased variance;
   // f_t = momentum_per_task[t] when given (cumulative average), else momentum.
   m.def(

@@ -13,6 +13,10 @@ Contract of a ``ts_batch_norm`` implementation (kwargs as in ``reference.ts_batc
   - y has x's dtype, shape and memory format; gradients flow to x, weight and bias.
 Contract of a ``ts_layer_norm`` implementation:
     impl(x, weight, bias, *, task_ids, num_tasks, eps, gate) -> y
+Contract of a ``ts_batch_norm_sync`` implementation (training with statistics over every process;
+``sync_batch_norm.sync_ts_batch_norm`` is the eager one, fused backends register ``SyncKernels``):
+    impl(x, weight, bias, running_mean, running_var, *, task_ids, num_tasks, momentum, eps, gate, activation,
+         num_batches_tracked, process_group) -> y
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from typing import Callable
 import torch
 
 from . import reference
+from .sync_batch_norm import sync_ts_batch_norm
 
-OPS = ("ts_batch_norm", "ts_layer_norm")
+OPS = ("ts_batch_norm", "ts_layer_norm", "ts_batch_norm_sync")
 
 # Modules that register fused backends on import. A module that fails to import leaves its backend out
 # and its error in ``unavailable_reasons()``.
@@ -174,3 +179,4 @@ def _choose(backend: str, device_type: str, op: str, shape_key: tuple | None) ->
 
 register("eager", "ts_batch_norm", reference.ts_batch_norm, ("cpu", "cuda", "xpu", "mps", "meta"))
 register("eager", "ts_layer_norm", reference.ts_layer_norm, ("cpu", "cuda", "xpu", "mps", "meta"))
+register("eager", "ts_batch_norm_sync", sync_ts_batch_norm, ("cpu", "cuda", "xpu", "mps", "meta"))

@@ -669,35 +669,144 @@ _Pragma("omp simd")
   }
 }
 
+// The per-(task, channel) tables every backward pass reads: the saved statistics in the accumulation type, the
+// gate a, the shift beta and scale = a·invstd (the relu mask is recomputed as (x − mean)·scale + beta > 0).
+template <typename acc_t>
+struct BackwardTables {
+  at::Tensor mean_acc, invstd_acc;
+  std::vector<acc_t> a, beta, scale;
+  const acc_t* mean() const { return mean_acc.const_data_ptr<acc_t>(); }
+  const acc_t* invstd() const { return invstd_acc.const_data_ptr<acc_t>(); }
+};
+
+template <typename acc_t>
+BackwardTables<acc_t> backward_tables(const at::Tensor& mean, const at::Tensor& invstd,
+                                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                      int64_t T, int64_t C, bool sigmoid_gate) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  BackwardTables<acc_t> tb;
+  tb.mean_acc = mean.to(acc_type).contiguous();
+  tb.invstd_acc = invstd.to(acc_type).contiguous();
+  TORCH_CHECK_VALUE(tb.mean_acc.numel() == T * C && tb.invstd_acc.numel() == T * C,
+                    "ts_batch_norm backward: saved statistics must have shape (", T, ", ", C, ")");
+  tb.a = gate_table<acc_t>(weight, T, C, sigmoid_gate);
+  tb.beta = table<acc_t>(bias, T, C, acc_t(0), "bias");
+  tb.scale.resize(T * C);
+  const acc_t* r = tb.invstd();
+  for (int64_t k = 0; k < T * C; ++k) tb.scale[k] = tb.a[k] * r[k];
+  return tb;
+}
+
+// x's blocks and grad_y in the same layout (the backward passes walk both with one index).
+std::pair<Blocks, at::Tensor> backward_blocks(const at::Tensor& grad_y, const at::Tensor& x,
+                                              const c10::optional<at::Tensor>& task_ids, int64_t T) {
+  check_input(x);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x.sizes());
+  Blocks b = make_blocks(x, task_ids, T);
+  at::Tensor dy = in_layout(grad_y.to(x.scalar_type()), b.interleaved);
+  return {std::move(b), std::move(dy)};
+}
+
+// Split path, backward pass 1: s1 = Σ dy', s2 = Σ dy'·(x − mean) per (task, channel) in double, block partials
+// summed in block order (deterministic whatever the thread count).
+template <typename scalar_t, typename acc_t>
+void split_grad_sums(const Blocks& b, const scalar_t* xp, const scalar_t* gp, const BackwardTables<acc_t>& tb,
+                     bool relu, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = b.C, B = b.num_blocks();
+  std::vector<acc_t> part_s1(B * C), part_s2(B * C);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      block_grad_sums<scalar_t, acc_t>(b, xp, gp, blk / b.blocks_per_sample, blk % b.blocks_per_sample, tb.mean(),
+                                       tb.scale.data(), tb.beta.data(), relu, part_s1.data() + blk * C,
+                                       part_s2.data() + blk * C);
+  });
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t blk = 0; blk < B; ++blk) {
+      const int64_t t = b.task_of[blk / b.blocks_per_sample];
+      for (int64_t c = c0; c < c1; ++c) {
+        s1[t * C + c] += part_s1[blk * C + c];
+        s2[t * C + c] += part_s2[blk * C + c];
+      }
+    }
+  });
+}
+
+// Split path, backward pass 2: dx = A·dy' + B·(x − mean) + K with per-(task, channel) coefficients.
+template <typename scalar_t, typename acc_t>
+void split_dx(const Blocks& b, const scalar_t* xp, const scalar_t* gp, scalar_t* dxp, const BackwardTables<acc_t>& tb,
+              const std::vector<DxCoef<acc_t>>& coef, bool relu) {
+  const int64_t C = b.C, T = static_cast<int64_t>(coef.size()) / std::max<int64_t>(C, 1);
+  const acc_t* mean = tb.mean();
+  const acc_t* sc = tb.scale.data();
+  const acc_t* sh = tb.beta.data();
+  if (!b.interleaved) {
+    at::parallel_for(0, b.N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t k = b.task_of[plane / C] * C + plane % C;
+        const int64_t off = plane * b.S;
+        plane_dx<scalar_t, acc_t>(xp + off, gp + off, dxp + off, b.S, mean[k], coef[k], sc[k], sh[k], relu);
+      }
+    });
+    return;
+  }
+  // Channel-contiguous coefficient arrays: the loop over channels vectorises (an array of DxCoef would not).
+  std::vector<acc_t> A(T * C), Bk(T * C), Kk(T * C);
+  for (int64_t k = 0; k < T * C; ++k) {
+    A[k] = coef[k].A;
+    Bk[k] = coef[k].B;
+    Kk[k] = coef[k].K;
+  }
+  at::parallel_for(0, b.num_blocks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n = blk / b.blocks_per_sample, chunk = blk % b.blocks_per_sample;
+      const int64_t k0 = b.task_of[n] * C;
+      const int64_t offset = (n * b.S + chunk * b.rows_per_block) * C;
+      const acc_t *a_ = A.data() + k0, *b_ = Bk.data() + k0, *c_ = Kk.data() + k0;
+      const acc_t *mu = mean + k0, *s_ = sc + k0, *h_ = sh + k0;
+      for (int64_t r = 0, rows = b.rows_in(chunk); r < rows; ++r) {
+        const int64_t o = offset + r * C;
+        if (relu) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c], gv = load_acc<acc_t>(gp, o + c);
+            const acc_t g = d * s_[c] + h_[c] > acc_t(0) ? gv : acc_t(0);
+            store_elem(dxp, o + c, a_[c] * g + b_[c] * d + c_[c]);
+          }
+        } else {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c];
+            store_elem(dxp, o + c, a_[c] * load_acc<acc_t>(gp, o + c) + b_[c] * d + c_[c]);
+          }
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t, const at::Tensor& invstd_t,
     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool training, bool sigmoid_gate, bool relu) {
-  check_input(x);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
-                    " but x has shape ", x.sizes());
-  const Blocks b = make_blocks(x, task_ids, num_tasks);
-  const int64_t T = num_tasks, C = b.C, B = b.num_blocks();
-  const at::Tensor dy = in_layout(grad_y.to(x.scalar_type()), b.interleaved);
+  const std::pair<Blocks, at::Tensor> blocks = backward_blocks(grad_y, x, task_ids, num_tasks);
+  const Blocks& b = blocks.first;  // (not a structured binding: lambdas may not capture those before C++20)
+  const at::Tensor& dy = blocks.second;
+  const int64_t T = num_tasks, C = b.C;
   at::Tensor dx = at::empty_like(b.x);
   at::Tensor dweight, dbias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor mean_acc = mean_t.to(acc_type).contiguous(), invstd_acc = invstd_t.to(acc_type).contiguous();
-    TORCH_CHECK_VALUE(mean_acc.numel() == T * C && invstd_acc.numel() == T * C,
-                      "ts_batch_norm backward: saved statistics must have shape (", T, ", ", C, ")");
-    const acc_t* mean = mean_acc.const_data_ptr<acc_t>();
-    const acc_t* invstd = invstd_acc.const_data_ptr<acc_t>();
-    const std::vector<acc_t> a = gate_table<acc_t>(weight, T, C, sigmoid_gate);
-    const std::vector<acc_t> beta = table<acc_t>(bias, T, C, acc_t(0), "bias");
-    std::vector<acc_t> scale(T * C);
-    for (int64_t k = 0; k < T * C; ++k) scale[k] = a[k] * invstd[k];
+    const BackwardTables<acc_t> tb = backward_tables<acc_t>(mean_t, invstd_t, weight, bias, T, C, sigmoid_gate);
+    const acc_t* mean = tb.mean();
+    const acc_t* invstd = tb.invstd();
+    const std::vector<acc_t>& a = tb.a;
     const scalar_t* xp = b.x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    const acc_t* sh = beta.data();
-    const acc_t* sc = scale.data();
+    const acc_t* sh = tb.beta.data();
+    const acc_t* sc = tb.scale.data();
 
     // Sums per (task, channel) in double, over the task's planes / blocks in sample order: deterministic.
     std::vector<double> s1(T * C, 0.0), s2(T * C, 0.0), m(T, 0.0);
@@ -735,70 +844,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
         }
       });
     } else {
-      std::vector<acc_t> part_s1(B * C), part_s2(B * C);
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t blk = begin; blk < end; ++blk)
-          block_grad_sums<scalar_t, acc_t>(b, xp, gp, blk / b.blocks_per_sample, blk % b.blocks_per_sample, mean,
-                                           sc, sh, relu, part_s1.data() + blk * C, part_s2.data() + blk * C);
-      });
-      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-        for (int64_t blk = 0; blk < B; ++blk) {
-          const int64_t t = b.task_of[blk / b.blocks_per_sample];
-          for (int64_t c = c0; c < c1; ++c) {
-            s1[t * C + c] += part_s1[blk * C + c];
-            s2[t * C + c] += part_s2[blk * C + c];
-          }
-        }
-      });
+      split_grad_sums<scalar_t, acc_t>(b, xp, gp, tb, relu, s1, s2);
       std::vector<DxCoef<acc_t>> coef(T * C);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = 0; c < C; ++c) {
           const int64_t k = t * C + c;
           coef[k] = dx_coefficients<acc_t>(a[k], invstd[k], s1[k], s2[k], m[t], training);
         }
-      if (!b.interleaved) {
-        at::parallel_for(0, b.N * C, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t plane = begin; plane < end; ++plane) {
-            const int64_t k = b.task_of[plane / C] * C + plane % C;
-            const int64_t off = plane * b.S;
-            plane_dx<scalar_t, acc_t>(xp + off, gp + off, dxp + off, b.S, mean[k], coef[k], sc[k], sh[k], relu);
-          }
-        });
-      } else {
-        // Channel-contiguous coefficient arrays: the loop over channels vectorises (an array of DxCoef would not).
-        std::vector<acc_t> A(T * C), Bk(T * C), Kk(T * C);
-        for (int64_t k = 0; k < T * C; ++k) {
-          A[k] = coef[k].A;
-          Bk[k] = coef[k].B;
-          Kk[k] = coef[k].K;
-        }
-        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t blk = begin; blk < end; ++blk) {
-            const int64_t n = blk / b.blocks_per_sample, chunk = blk % b.blocks_per_sample;
-            const int64_t k0 = b.task_of[n] * C;
-            const int64_t offset = (n * b.S + chunk * b.rows_per_block) * C;
-            const acc_t *a_ = A.data() + k0, *b_ = Bk.data() + k0, *c_ = Kk.data() + k0;
-            const acc_t *mu = mean + k0, *s_ = sc + k0, *h_ = sh + k0;
-            for (int64_t r = 0, rows = b.rows_in(chunk); r < rows; ++r) {
-              const int64_t o = offset + r * C;
-              if (relu) {
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c], gv = load_acc<acc_t>(gp, o + c);
-                  const acc_t g = d * s_[c] + h_[c] > acc_t(0) ? gv : acc_t(0);
-                  store_elem(dxp, o + c, a_[c] * g + b_[c] * d + c_[c]);
-                }
-              } else {
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t d = load_acc<acc_t>(xp, o + c) - mu[c];
-                  store_elem(dxp, o + c, a_[c] * load_acc<acc_t>(gp, o + c) + b_[c] * d + c_[c]);
-                }
-              }
-            }
-          }
-        });
-      }
+      split_dx<scalar_t, acc_t>(b, xp, gp, dxp, tb, coef, relu);
     }
 
     if (weight.has_value() && weight->defined()) {
@@ -825,6 +878,81 @@ _Pragma("omp simd")
   return {dx, dweight, dbias};
 }
 
+// ---- The passes of the cross-process path (tsbn_kernels/sync_batch_norm.py), between its collectives ----
+
+// This process's (mean, biased var, element count) per (task, channel): the split path's statistics pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_batch_stats_cpu(const at::Tensor& x,
+                                                                      const c10::optional<at::Tensor>& task_ids,
+                                                                      int64_t num_tasks) {
+  check_input(x);
+  const Blocks b = make_blocks(x, task_ids, num_tasks);
+  Stats st;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_batch_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    st = batch_stats<scalar_t, acc_t>(b, num_tasks, /*eps (invstd is not returned)=*/1.0);
+  });
+  return {st.mean, st.var, st.count};
+}
+
+// This process's s1 = Σ dy', s2 = Σ dy'·(x − mean) per (task, channel), in float64.
+std::tuple<at::Tensor, at::Tensor> ts_bn_backward_reduce_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate, bool relu) {
+  const std::pair<Blocks, at::Tensor> blocks = backward_blocks(grad_y, x, task_ids, num_tasks);
+  const Blocks& b = blocks.first;
+  const at::Tensor& dy = blocks.second;
+  const int64_t T = num_tasks, C = b.C;
+  const auto opts = x.options().dtype(at::kDouble);
+  at::Tensor sum_dy = at::zeros({T, C}, opts), sum_dy_xmu = at::zeros({T, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardTables<acc_t> tb = backward_tables<acc_t>(mean, invstd, weight, bias, T, C, sigmoid_gate);
+    std::vector<double> s1(T * C, 0.0), s2(T * C, 0.0);
+    split_grad_sums<scalar_t, acc_t>(b, b.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), tb, relu,
+                                     s1, s2);
+    std::copy(s1.begin(), s1.end(), sum_dy.data_ptr<double>());
+    std::copy(s2.begin(), s2.end(), sum_dy_xmu.data_ptr<double>());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+// dx of the training backward from sums and counts given from outside (every process's): the split dx pass.
+at::Tensor ts_bn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                    const at::Tensor& sum_dy_xmu, const at::Tensor& count,
+                                    const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate,
+                                    bool relu) {
+  const std::pair<Blocks, at::Tensor> blocks = backward_blocks(grad_y, x, task_ids, num_tasks);
+  const Blocks& b = blocks.first;
+  const at::Tensor& dy = blocks.second;
+  const int64_t T = num_tasks, C = b.C;
+  TORCH_CHECK_VALUE(sum_dy.dim() == 2 && sum_dy.size(0) == T && sum_dy.size(1) == C,
+                    "ts_batch_norm backward: sum_dy must have shape (", T, ", ", C, "), got ", sum_dy.sizes());
+  TORCH_CHECK_VALUE(sum_dy_xmu.dim() == 2 && sum_dy_xmu.size(0) == T && sum_dy_xmu.size(1) == C,
+                    "ts_batch_norm backward: sum_dy_xmu must have shape (", T, ", ", C, "), got ",
+                    sum_dy_xmu.sizes());
+  TORCH_CHECK_VALUE(count.dim() == 1 && count.size(0) == T, "ts_batch_norm backward: count must have shape (", T,
+                    ",), got ", count.sizes());
+  const at::Tensor s1 = sum_dy.to(at::kDouble).contiguous(), s2 = sum_dy_xmu.to(at::kDouble).contiguous();
+  const at::Tensor m = count.to(at::kDouble).contiguous();
+  at::Tensor dx = at::empty_like(b.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_elemt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardTables<acc_t> tb = backward_tables<acc_t>(mean, invstd, weight, bias, T, C, sigmoid_gate);
+    const double *p1 = s1.const_data_ptr<double>(), *p2 = s2.const_data_ptr<double>();
+    const double* pm = m.const_data_ptr<double>();
+    std::vector<DxCoef<acc_t>> coef(T * C);
+    for (int64_t k = 0; k < T * C; ++k)
+      coef[k] = dx_coefficients<acc_t>(tb.a[k], tb.invstd()[k], p1[k], p2[k], pm[k / C], /*training=*/true);
+    if (b.N * C * b.S > 0)
+      split_dx<scalar_t, acc_t>(b, b.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                                dx.data_ptr<scalar_t>(), tb, coef, relu);
+  });
+  return dx;
+}
+
 // Which path ts_bn_forward (backward=false) or ts_bn_backward would take for this input in training, under
 // the current TSBN_CPU_SLAB_BYTES and thread count: "slab:G" (G channels per work item), "split" or
 // "interleaved". For tests and tuning.
@@ -841,11 +969,15 @@ std::string ts_bn_cpu_path(const at::Tensor& x, const c10::optional<at::Tensor>&
 }  // namespace
 
 #ifdef TSBN_CPU_AVX2
-extern const CpuBatchNormKernels kAvx2CpuKernels = {&ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
+extern const CpuBatchNormKernels kAvx2CpuKernels = {&ts_bn_forward_cpu,         &ts_bn_backward_cpu,
+                                                    &ts_bn_cpu_path,            &ts_bn_batch_stats_cpu,
+                                                    &ts_bn_backward_reduce_cpu, &ts_bn_backward_elemt_cpu};
 }  // namespace tsbn
 TSBN_CPU_AVX2_END
 #else
-extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu, &ts_bn_backward_cpu, &ts_bn_cpu_path};
+extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu,         &ts_bn_backward_cpu,
+                                                        &ts_bn_cpu_path,            &ts_bn_batch_stats_cpu,
+                                                        &ts_bn_backward_reduce_cpu, &ts_bn_backward_elemt_cpu};
 
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   m.def("ts_bn_cpu_path(Tensor x, Tensor? task_ids, int num_tasks, bool backward) -> str",
@@ -856,6 +988,9 @@ TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
   const CpuBatchNormKernels& kernels = TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels);
   m.impl("ts_bn_forward", kernels.forward);
   m.impl("ts_bn_backward", kernels.backward);
+  m.impl("ts_bn_batch_stats", kernels.batch_stats);
+  m.impl("ts_bn_backward_reduce", kernels.backward_reduce);
+  m.impl("ts_bn_backward_elemt", kernels.backward_elemt);
 }
 
 }  // namespace tsbn

@@ -27,6 +27,20 @@ struct CpuBatchNormKernels {
   // The planar path a training call takes ("slab:G", "split" or "interleaved"), for tests and tuning.
   std::string (*path)(const at::Tensor& x, const c10::optional<at::Tensor>& task_ids, int64_t num_tasks,
                       bool backward);
+  // The passes of the cross-process path (the ts_bn_batch_stats, ts_bn_backward_reduce and ts_bn_backward_elemt
+  // schemas).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*batch_stats)(const at::Tensor& x,
+                                                                const c10::optional<at::Tensor>& task_ids,
+                                                                int64_t num_tasks);
+  std::tuple<at::Tensor, at::Tensor> (*backward_reduce)(
+      const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+      const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate, bool relu);
+  at::Tensor (*backward_elemt)(const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                               const at::Tensor& invstd, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                               const at::Tensor& count, const c10::optional<at::Tensor>& task_ids,
+                               int64_t num_tasks, bool sigmoid_gate, bool relu);
 };
 
 extern const CpuBatchNormKernels kBaselineCpuKernels;

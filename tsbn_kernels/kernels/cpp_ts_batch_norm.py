@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _extension, dispatch
 from . import double_backward
 from ..reference import accumulation_dtype
+from ..sync_batch_norm import SyncKernels, register_sync_kernels
 
 if not _extension.has_op("ts_bn_forward"):
     raise ImportError(f"tsbn_kernels._C with ts_bn_forward is not built: {_extension.LOAD_ERROR}")
@@ -33,6 +34,24 @@ def _backward_fake(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, t
     dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
     db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
     return torch.empty_like(x), dw, db
+
+
+@torch.library.register_fake("tsbn::ts_bn_batch_stats")
+def _batch_stats_fake(x, task_ids, num_tasks):
+    stats = x.new_empty((num_tasks, x.shape[1]), dtype=accumulation_dtype(x.dtype))
+    return stats, torch.empty_like(stats), x.new_empty((num_tasks,), dtype=stats.dtype)
+
+
+@torch.library.register_fake("tsbn::ts_bn_backward_reduce")
+def _backward_reduce_fake(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu):
+    sums = x.new_empty((num_tasks, x.shape[1]), dtype=torch.float64)
+    return sums, torch.empty_like(sums)
+
+
+@torch.library.register_fake("tsbn::ts_bn_backward_elemt")
+def _backward_elemt_fake(grad_y, x, weight, bias, mean, invstd, sum_dy, sum_dy_xmu, count, task_ids, num_tasks,
+                         sigmoid_gate, relu):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("tsbn::ts_bn_update_running_stats")
@@ -78,6 +97,14 @@ def ts_batch_norm(x: Tensor, weight, bias, running_mean, running_var, *, task_id
     return y
 
 
+def _apply(x, weight, bias, mean, var, task_ids, num_tasks, eps, sigmoid_gate, relu) -> Tensor:
+    """y with the given statistics: the eval forward, whose running statistics are these."""
+    return _ops.ts_bn_forward(x, weight, bias, mean, var, task_ids, num_tasks, False, eps, sigmoid_gate, relu)[0]
+
+
 dispatch.register("cpu", "ts_batch_norm", ts_batch_norm, ("cpu",))
+# The cross-process path runs on the CPU kernels; on CUDA tensors the sync path is Triton's (see functional.py).
+register_sync_kernels("cpu", SyncKernels(stats=_ops.ts_bn_batch_stats, apply=_apply, reduce=_ops.ts_bn_backward_reduce,
+                                         elemt=_ops.ts_bn_backward_elemt), ("cpu",))
 if _extension.has_cuda_kernels():
     dispatch.register("cuda", "ts_batch_norm", ts_batch_norm, ("cuda",))
