@@ -81,7 +81,7 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
     tests/test_fused_batch_norm.py tests/test_cuda_slab_kernel.py tests/test_fused_layer_norm.py tests/test_triton_split.py tests/test_cuda_graphs.py \
     tests/test_extension.py tests/test_modules.py tests/test_validation.py tests/test_convert.py tests/test_mtl_gramian.py \
     tests/test_mtl_weightings.py tests/test_mtl_per_task.py tests/test_mtl_fused_solver.py tests/test_mtl_fused_cagrad.py \
-    tests/test_mtl_on_device.py "tests/test_mtl_attention.py::test_one_backward_through_a_transformer_on_its_device" tests/test_sync_batch_norm.py tests/test_tuning.py \
+    tests/test_mtl_on_device.py "tests/test_mtl_attention.py::test_one_backward_through_a_transformer_on_its_device" tests/test_sync_batch_norm.py tests/test_sync_kernels.py tests/test_tuning.py \
     > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/log"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/log"
@@ -90,12 +90,14 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   # In order of the issues' targets, each phase capped, later ones cut first when the budget runs out: the norm
   # layers at >= 64 MB (issues 3, 4), TSσLN (4), Gramian and aggregation (5), the training steps (6),
-  # torch.compile of the reference (a compile per group: forward+backward at NYUv2 layer1 only), the other shapes.
+  # torch.compile of the reference (a compile per group: forward+backward at NYUv2 layer1 only), the sync path
+  # (one process: its passes over memory), the other shapes.
   bench norm 120 benchmarks/test_bench_batch_norm.py -k "(nyuv2-layer1 or nyuv2-layer3) and not compiled_reference"
   bench layer_norm 30 benchmarks/test_bench_layer_norm.py
   bench mtl 60 benchmarks/test_bench_mtl.py
   bench training 90 benchmarks/test_bench_training.py
   bench compiled 70 benchmarks/test_bench_batch_norm.py -k "nyuv2-layer1 and forward_backward and compiled_reference"
+  bench sync 30 benchmarks/test_bench_sync_batch_norm.py -k "nyuv2-layer1 or cityscapes-layer1"
   bench norm_rest 120 benchmarks/test_bench_batch_norm.py -k "not (nyuv2-layer1 or nyuv2-layer3) and not compiled_reference"
   if [ -s "$OUT/results.json" ]; then
     python3 -m benchmarks.report "$OUT/results.json" --out "$OUT/results.md" --plot "$OUT/results.png" \

@@ -18,7 +18,7 @@ import pathlib
 from collections import defaultdict
 
 BASELINES = ("eager", "loop_F.batch_norm", "plain_batch_norm", "compiled_reference", "layer_norm_then_gate",
-             "libmtl_loop", "unchunked_matmul", "ordinary_backward", "per_task_loop")
+             "libmtl_loop", "unchunked_matmul", "ordinary_backward", "per_task_loop", "eager_sync", "unsynced")
 
 
 def load(*paths: str | pathlib.Path) -> dict:

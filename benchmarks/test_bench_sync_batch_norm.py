@@ -1,8 +1,8 @@
 """ts_batch_norm with statistics over every process (sync mode, DDP): forward+backward per backend.
 
 Contenders, side by side: each backend's fused sync path ("<backend>"), the eager sync path ("eager_sync",
-PyTorch ops with autograd through the gather) and the same backend without sync ("<backend>_unsynced", the floor:
-the ideal two-pass forward and three-pass backward where its slab path applies). The process group has one
+PyTorch ops with autograd through the gather) and backend="auto" without sync ("unsynced", the floor: the ideal
+two-pass forward and three-pass backward where a slab path applies). The process group has one
 process (gloo on the CPU, nccl on the GPU), so the collectives cost their call overhead only; what is measured is
 the passes over memory of each path. The fused sync path makes the split design's passes (forward: statistics,
 apply; backward: gradient sums, dx — 8·M·s), the bytes reported are the ideal model's 5·M·s of the ts_batch_norm
@@ -21,7 +21,7 @@ from benchmarks.test_bench_batch_norm import _inputs
 from tsbn_kernels import dispatch
 
 FUSED = [b for b in tk.available_backends(DEVICE, "ts_batch_norm_sync") if b != "eager"]
-CONTENDERS = FUSED + ["eager_sync"] + [f"{b}_unsynced" for b in FUSED]
+CONTENDERS = FUSED + ["eager_sync", "unsynced"]
 
 
 def cases():
@@ -51,11 +51,9 @@ def test_sync_ts_batch_norm(benchmark, measure, group, case, channels_last, cont
     x, grad, weight = _inputs(case.shape, case.num_tasks, torch.float32, channels_last)
     c = x.shape[1]
     rm, rv = torch.zeros(case.num_tasks, c, device=DEVICE), torch.ones(case.num_tasks, c, device=DEVICE)
-    if contender.endswith("_unsynced"):
-        backend = contender.removesuffix("_unsynced")
-
+    if contender == "unsynced":
         def fn(x):
-            return tk.ts_batch_norm(x, weight, None, rm, rv, training=True, backend=backend)
+            return tk.ts_batch_norm(x, weight, None, rm, rv, training=True)
     else:
         _, sync = dispatch.resolve("eager" if contender == "eager_sync" else contender, torch.device(DEVICE),
                                    "ts_batch_norm_sync")

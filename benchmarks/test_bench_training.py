@@ -137,7 +137,8 @@ def pipeline_step(benchmark: str, contender: str):
     before_replication = model.before_replication_parameters()
     shared_ids = {id(p) for p in shared}
     task_params = [p for p in model.parameters() if id(p) not in shared_ids]
-    batch = {k: v.to(DEVICE) for k, v in check.random_batch(benchmark, n, size, torch.Generator().manual_seed(0)).items()}
+    batch = check.random_batch(benchmark, n, size, torch.Generator().manual_seed(0))
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     losses_fn = losses.losses_for(benchmark)
