@@ -73,8 +73,9 @@ CASES = {
                                torch.contiguous_format, (4, 7), IDS, 1e4),
     "bf16-ragged-no_affine": (dict(affine=False, momentum=None), torch.bfloat16, torch.contiguous_format, (3, 3),
                               IDS, 2.0),
+    # rank 1 holds one value of tasks 0 and 1 (no error: the statistics span both ranks)
     "fp64-1d-ragged-relu": (dict(gate="sigmoid", bias=True, activation="relu", momentum=0.3), torch.float64, None,
-                            (), [torch.tensor([1, 0, 2, 2, 0, 1, 1]), torch.tensor([0, 2, 2, 2, 0])], 1.0),
+                            (), [torch.tensor([1, 0, 2, 2, 0, 1, 1]), torch.tensor([0, 2, 2, 2, 1])], 1.0),
     "fp32-empty_rank": (dict(gate="sigmoid", bias=True, momentum=0.1), torch.float32, torch.contiguous_format,
                         (2, 5), [torch.tensor([0, 1, 2, 1, 0, 2]), torch.tensor([], dtype=torch.long)], 0.0),
 }

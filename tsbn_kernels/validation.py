@@ -199,7 +199,10 @@ def check_scalars(op: str, eps: object, gate: object, momentum: object = 0.1,
 
 
 def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_tasks, num_batches_tracked,
-                     training, momentum, eps, gate, activation, op: str = "ts_batch_norm") -> TaskLayout:
+                     training, momentum, eps, gate, activation, op: str = "ts_batch_norm",
+                     across_processes: bool = False) -> TaskLayout:
+    """``across_processes``: the statistics span every process (sync mode), so one value of a task here is no
+    error — the other processes may hold more of it."""
     check_input_tensor(x, 2, 5, op)
     check_scalars(op, eps, gate, momentum, activation)
     if (running_mean is None) != (running_var is None):
@@ -225,13 +228,14 @@ def check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_t
         raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked")
     layout = check_task_layout(x, task_ids, num_tasks, op)
     spatial = math.prod(x.shape[2:])
-    if training and (layout.counts is not None or layout.task_ids is None):
+    single_value_check = training and not across_processes
+    if single_value_check and (layout.counts is not None or layout.task_ids is None):
         per_task = layout.counts if layout.counts is not None else (x.shape[0] // num_tasks,) * num_tasks
         for t, n in enumerate(per_task):
             if n * spatial == 1:
                 raise ValueError(f"{op}: expected more than 1 value per channel when training, got input size "
                                  f"{tuple(x.shape)} with {n} sample(s) of task {t}")
-    assert_task_layout_in_graph(layout, spatial, training, op)
+    assert_task_layout_in_graph(layout, spatial, single_value_check, op)
     return layout
 
 
