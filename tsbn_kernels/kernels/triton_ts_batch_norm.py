@@ -11,6 +11,10 @@ into per-(task, channel) coefficients held in registers for the whole span and r
 reverse order of the statistics pass, so their first reads hit what that pass left in L2; the backward
 recomputes the relu mask from x instead of storing it.
 
+The cross-process path (tsbn_kernels.sync_batch_norm) runs the same passes one at a time, with collectives on
+the [T, C] tables in between: each pass has one launcher here, which the single-process ops call too, so a rank
+alone computes the bits of the single-process forward and backward.
+
 Tile sizes come from a table swept offline per device (tsbn_kernels.tuning, benchmarks/tune_triton.py), keyed by
 the nearest benchmarked shape, not from triton.autotune: a choice by timing at run time could pick another cut on
 the next run, and another cut rounds differently — results would no longer be bitwise reproducible.
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from .. import dispatch, tuning
 from ..reference import accumulation_dtype
+from ..sync_batch_norm import SyncKernels, register_sync_kernels
 from . import double_backward
 from .triton_utils import accumulation_types, target_programs, task_of_samples
 
@@ -351,6 +356,25 @@ def _merge_block_c(c: int) -> int:
     return 16 if INTERPRET else min(64, triton.next_power_of_2(c))
 
 
+def _training_stats(x: Tensor, ids: Tensor, grid: Grid, num_tasks: int, eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, biased var, count) of every task in x (dense, cut by ``grid``): the statistics pass and
+    its merge, shared by the forward and the sync path's local statistics."""
+    acc, acc_tl = accumulation_types(x.dtype)
+    part_mean = x.new_empty((grid.tiles, grid.c), dtype=acc)
+    part_m2 = torch.empty_like(part_mean)
+    _moments_kernel[(grid.programs,)](x, ids, part_mean, part_m2, *grid.args(), BLOCK_C=grid.block_c,
+                                      BLOCK_S=grid.block_s, ACC=acc_tl, num_warps=grid.num_warps)
+    mean = x.new_empty((num_tasks, grid.c), dtype=acc)
+    var, invstd = torch.empty_like(mean), torch.empty_like(mean)
+    count = x.new_empty((num_tasks,), dtype=acc)
+    merge_c = _merge_block_c(grid.c)
+    _merge_moments_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
+        part_mean, part_m2, ids, mean, var, invstd, count, grid.c, grid.s, grid.splits, grid.iters, grid.tiles,
+        eps, BLOCK_R=MERGE_ROWS, BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=acc_tl)
+    return mean, invstd, var, count
+
+
 @torch.library.custom_op("tsbn::triton_bn_forward", mutates_args=())
 def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                       running_var: Tensor | None, task_ids: Tensor | None, num_tasks: int, training: bool,
@@ -361,17 +385,7 @@ def triton_bn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, run
     acc, acc_tl = accumulation_types(x.dtype)
     ids = task_of_samples(task_ids, grid.n, num_tasks, x.device)
     if training:
-        part_mean = x.new_empty((grid.tiles, grid.c), dtype=acc)
-        part_m2 = torch.empty_like(part_mean)
-        _moments_kernel[(grid.programs,)](x, ids, part_mean, part_m2, *grid.args(), BLOCK_C=grid.block_c,
-                                          BLOCK_S=grid.block_s, ACC=acc_tl, num_warps=grid.num_warps)
-        mean = x.new_empty((num_tasks, grid.c), dtype=acc)
-        var, invstd = torch.empty_like(mean), torch.empty_like(mean)
-        count = x.new_empty((num_tasks,), dtype=acc)
-        merge_c = _merge_block_c(grid.c)
-        _merge_moments_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
-            part_mean, part_m2, ids, mean, var, invstd, count, grid.c, grid.s, grid.splits, grid.iters, grid.tiles,
-            eps, BLOCK_R=MERGE_ROWS, BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=acc_tl)
+        mean, invstd, var, count = _training_stats(x, ids, grid, num_tasks, eps)
     else:
         mean = running_mean.to(acc, copy=True).contiguous()
         var = running_var.to(acc, copy=True).contiguous()
@@ -395,41 +409,80 @@ def _(x, weight, bias, running_mean, running_var, task_ids, num_tasks, training,
             x.new_empty((num_tasks,), dtype=acc))
 
 
+@dataclass(frozen=True)
+class _BackwardPass:
+    """What the two backward passes over x share: x and dy in one layout (so one set of strides serves both),
+    the cut, the task of every sample, the statistics in the accumulation dtype and the kernel arguments of the
+    affine."""
+    x: Tensor
+    dy: Tensor
+    grid: Grid
+    ids: Tensor
+    acc: torch.dtype
+    mean: Tensor
+    invstd: Tensor
+    weight: Tensor
+    bias: Tensor
+    flags: dict
+
+
+def _backward_pass(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                   invstd: Tensor, task_ids: Tensor | None, num_tasks: int, sigmoid_gate: bool,
+                   relu: bool) -> _BackwardPass:
+    x = _dense(x)
+    dy = grad_y.to(x.dtype)
+    dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
+    grid = grid_for(x, True)
+    acc, acc_tl = accumulation_types(x.dtype)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
+                 ACC=acc_tl, BLOCK_C=grid.block_c, BLOCK_S=grid.block_s)
+    return _BackwardPass(x, dy, grid, task_of_samples(task_ids, grid.n, num_tasks, x.device), acc,
+                         mean.to(acc).contiguous(), invstd.to(acc).contiguous(),
+                         weight.contiguous() if weight is not None else _null(x),
+                         bias.contiguous() if bias is not None else _null(x), flags)
+
+
+def _grad_sums(p: _BackwardPass, num_tasks: int) -> tuple[Tensor, Tensor]:
+    """(Σ dy', Σ dy'·(x − mean)) [T, C] of the samples in p: the gradient-sums pass and its merge."""
+    grid = p.grid
+    part_s1 = p.x.new_empty((grid.tiles, grid.c), dtype=p.acc)
+    part_s2 = torch.empty_like(part_s1)
+    s1 = p.x.new_zeros((num_tasks, grid.c), dtype=p.acc)
+    s2 = torch.zeros_like(s1)
+    if p.x.numel():
+        _grad_sums_kernel[(grid.programs,)](p.x, p.dy, p.ids, p.mean, p.invstd, p.weight, p.bias, part_s1, part_s2,
+                                            *grid.args(), num_warps=grid.num_warps, **p.flags)
+        merge_c = _merge_block_c(grid.c)
+        _merge_sums_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
+            part_s1, part_s2, p.ids, s1, s2, grid.c, grid.s, grid.splits, grid.iters, grid.tiles, BLOCK_R=MERGE_ROWS,
+            BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=p.flags["ACC"])
+    return s1, s2
+
+
+def _grad_input(p: _BackwardPass, s1: Tensor, s2: Tensor, count: Tensor, training: bool) -> Tensor:
+    """dx from dy' and the sums s1, s2 over ``count`` elements per task (unused in eval, where the statistics
+    are constants)."""
+    dx = torch.empty_like(p.x)
+    if p.x.numel():
+        _grad_input_kernel[(p.grid.programs,)](
+            p.x, p.dy, dx, p.ids, p.mean, p.invstd, p.weight, p.bias, s1.to(p.acc).contiguous(),
+            s2.to(p.acc).contiguous(), count.to(p.acc).contiguous(), *p.grid.args(), TRAINING=training,
+            num_warps=p.grid.num_warps, **p.flags)
+    return dx
+
+
 @torch.library.custom_op("tsbn::triton_bn_backward", mutates_args=())
 def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                        invstd: Tensor, count: Tensor, task_ids: Tensor | None, num_tasks: int, training: bool,
                        sigmoid_gate: bool, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); the parameter gradients are empty when the parameter is absent."""
-    x = _dense(x)
-    dy = grad_y.to(x.dtype)
-    dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
-    grid = grid_for(x, True)
-    ids = task_of_samples(task_ids, grid.n, num_tasks, x.device)
-    acc, acc_tl = accumulation_types(x.dtype)
-    mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    w_arg = weight.contiguous() if weight is not None else _null(x)
-    b_arg = bias.contiguous() if bias is not None else _null(x)
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SIGMOID=sigmoid_gate, RELU=relu,
-                 ACC=acc_tl, BLOCK_C=grid.block_c, BLOCK_S=grid.block_s)
-    part_s1 = x.new_empty((grid.tiles, grid.c), dtype=acc)
-    part_s2 = torch.empty_like(part_s1)
-    s1 = x.new_zeros((num_tasks, grid.c), dtype=acc)
-    s2 = torch.zeros_like(s1)
-    dx = torch.empty_like(x)
-    if x.numel():
-        _grad_sums_kernel[(grid.programs,)](x, dy, ids, mean_acc, invstd_acc, w_arg, b_arg, part_s1, part_s2,
-                                            *grid.args(), num_warps=grid.num_warps, **flags)
-        merge_c = _merge_block_c(grid.c)
-        _merge_sums_kernel[(num_tasks, triton.cdiv(grid.c, merge_c))](
-            part_s1, part_s2, ids, s1, s2, grid.c, grid.s, grid.splits, grid.iters, grid.tiles, BLOCK_R=MERGE_ROWS,
-            BLOCK_C=merge_c, BLOCK_S=grid.block_s, ACC=acc_tl)
-        _grad_input_kernel[(grid.programs,)](
-            x, dy, dx, ids, mean_acc, invstd_acc, w_arg, b_arg, s1, s2, count.to(acc).contiguous(), *grid.args(),
-            TRAINING=training, num_warps=grid.num_warps, **flags)
+    p = _backward_pass(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu)
+    s1, s2 = _grad_sums(p, num_tasks)
+    dx = _grad_input(p, s1, s2, count, training)
     if weight is not None:
-        s2x = s2 * invstd_acc
+        s2x = s2 * p.invstd
         if sigmoid_gate:
-            gate = torch.sigmoid(weight.to(acc))
+            gate = torch.sigmoid(weight.to(p.acc))
             s2x = s2x * gate * (1 - gate)
         grad_weight = s2x.to(weight.dtype)
     else:
@@ -442,6 +495,75 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
 def _(grad_y, x, weight, bias, mean, invstd, count, task_ids, num_tasks, training, sigmoid_gate, relu):
     return (torch.empty_like(_dense(x)), torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
             torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
+
+
+def _check_tables(x: Tensor, num_tasks: int, **tables: Tensor | None) -> None:
+    """The kernels index [T, C] tables by t·C + c and counts by t without bounds: a table of another shape would
+    be read out of bounds silently, so the sync ops refuse it."""
+    for name, table in tables.items():
+        want = (num_tasks,) if name == "count" else (num_tasks, x.shape[1])
+        if table is not None and tuple(table.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)} (num_tasks={num_tasks}, channels={x.shape[1]}), "
+                             f"got {list(table.shape)}")
+
+
+@torch.library.custom_op("tsbn::triton_bn_batch_stats", mutates_args=())
+def triton_bn_batch_stats(x: Tensor, task_ids: Tensor | None, num_tasks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean [T, C], biased var [T, C], element count [T]) of x's samples, in the accumulation dtype: the local
+    statistics of the sync path (an absent task: 0, 0, 0)."""
+    x = _dense(x)
+    acc = accumulation_dtype(x.dtype)
+    if not x.numel():
+        mean = x.new_zeros((num_tasks, x.shape[1]), dtype=acc)
+        return mean, torch.zeros_like(mean), x.new_zeros((num_tasks,), dtype=acc)
+    grid = grid_for(x, True)
+    # eps only enters the invstd, which the sync path recomputes from the merged variance of all ranks.
+    mean, _, var, count = _training_stats(x, task_of_samples(task_ids, grid.n, num_tasks, x.device), grid,
+                                          num_tasks, 1.0)
+    return mean, var, count
+
+
+@triton_bn_batch_stats.register_fake
+def _(x, task_ids, num_tasks):
+    stats = x.new_empty((num_tasks, x.shape[1]), dtype=accumulation_dtype(x.dtype))
+    return stats, torch.empty_like(stats), x.new_empty((num_tasks,), dtype=stats.dtype)
+
+
+@torch.library.custom_op("tsbn::triton_bn_backward_reduce", mutates_args=())
+def triton_bn_backward_reduce(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                              invstd: Tensor, task_ids: Tensor | None, num_tasks: int, sigmoid_gate: bool,
+                              relu: bool) -> tuple[Tensor, Tensor]:
+    """(Σ dy', Σ dy'·(x − mean)) [T, C] over x's samples, in the accumulation dtype: what the sync path
+    all-reduces before dx."""
+    _check_tables(x, num_tasks, weight=weight, bias=bias, mean=mean, invstd=invstd)
+    p = _backward_pass(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu)
+    return _grad_sums(p, num_tasks)
+
+
+@triton_bn_backward_reduce.register_fake
+def _(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu):
+    _check_tables(x, num_tasks, weight=weight, bias=bias, mean=mean, invstd=invstd)
+    sums = x.new_empty((num_tasks, x.shape[1]), dtype=accumulation_dtype(x.dtype))
+    return sums, torch.empty_like(sums)
+
+
+@torch.library.custom_op("tsbn::triton_bn_backward_elemt", mutates_args=())
+def triton_bn_backward_elemt(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                             invstd: Tensor, sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor,
+                             task_ids: Tensor | None, num_tasks: int, sigmoid_gate: bool, relu: bool) -> Tensor:
+    """Training-mode dx of x's samples from the sums and element counts of every rank (any float dtype; used in
+    the accumulation dtype)."""
+    _check_tables(x, num_tasks, weight=weight, bias=bias, mean=mean, invstd=invstd, sum_dy=sum_dy,
+                  sum_dy_xmu=sum_dy_xmu, count=count)
+    p = _backward_pass(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu)
+    return _grad_input(p, sum_dy, sum_dy_xmu, count, True)
+
+
+@triton_bn_backward_elemt.register_fake
+def _(grad_y, x, weight, bias, mean, invstd, sum_dy, sum_dy_xmu, count, task_ids, num_tasks, sigmoid_gate, relu):
+    _check_tables(x, num_tasks, weight=weight, bias=bias, mean=mean, invstd=invstd, sum_dy=sum_dy,
+                  sum_dy_xmu=sum_dy_xmu, count=count)
+    return torch.empty_like(_dense(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -498,4 +620,13 @@ def ts_batch_norm(x: Tensor, weight, bias, running_mean, running_var, *, task_id
     return y
 
 
+def _sync_apply(x: Tensor, weight, bias, mean: Tensor, var: Tensor, task_ids, num_tasks: int, eps: float,
+                sigmoid_gate: bool, relu: bool) -> Tensor:
+    """y with the given (global) statistics: the eval-mode forward, whose running statistics they are."""
+    return triton_bn_forward(x, weight, bias, mean, var, task_ids, num_tasks, False, eps, sigmoid_gate, relu)[0]
+
+
 dispatch.register("triton", "ts_batch_norm", ts_batch_norm, ("cuda",))
+register_sync_kernels("triton", SyncKernels(stats=triton_bn_batch_stats, apply=_sync_apply,
+                                            reduce=triton_bn_backward_reduce, elemt=triton_bn_backward_elemt),
+                      ("cuda",))
