@@ -684,11 +684,13 @@ BackwardTables<acc_t> backward_tables(const at::Tensor& mean, const at::Tensor& 
                                       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                       int64_t T, int64_t C, bool sigmoid_gate) {
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(0) == T && mean.size(1) == C,
+                    "ts_batch_norm backward: mean must have shape (", T, ", ", C, "), got ", mean.sizes());
+  TORCH_CHECK_VALUE(invstd.dim() == 2 && invstd.size(0) == T && invstd.size(1) == C,
+                    "ts_batch_norm backward: invstd must have shape (", T, ", ", C, "), got ", invstd.sizes());
   BackwardTables<acc_t> tb;
   tb.mean_acc = mean.to(acc_type).contiguous();
   tb.invstd_acc = invstd.to(acc_type).contiguous();
-  TORCH_CHECK_VALUE(tb.mean_acc.numel() == T * C && tb.invstd_acc.numel() == T * C,
-                    "ts_batch_norm backward: saved statistics must have shape (", T, ", ", C, ")");
   tb.a = gate_table<acc_t>(weight, T, C, sigmoid_gate);
   tb.beta = table<acc_t>(bias, T, C, acc_t(0), "bias");
   tb.scale.resize(T * C);

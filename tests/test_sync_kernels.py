@@ -1,8 +1,12 @@
-"""The Triton backend's kernels of the cross-process batch norm (tsbn_kernels.sync_batch_norm.SyncKernels): local
-statistics, apply, gradient sums and dx, against float64 formulas and the eager reference; dx from the local sums
-is the single-process backward bit for bit, and dx from the sums of a batch split in two "ranks" is the dx of the
-whole batch (runs under TRITON_INTERPRET=1 on the CPU)."""
+"""Each fused backend's kernels of the cross-process batch norm (tsbn_kernels.sync_batch_norm.SyncKernels: the C++
+CPU ops and Triton's): local statistics, apply, gradient sums and dx, against float64 formulas and the eager
+reference; dx from the local sums is the backend's single-process backward bit for bit (the CPU's on its split
+path, whose passes these are), and dx from the sums of a batch split in two "ranks" is the dx of the whole batch.
+Triton runs under TRITON_INTERPRET=1 on the CPU."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -11,20 +15,41 @@ from hypothesis import strategies as st
 
 import tsbn_kernels as tk
 from conftest import make_input, make_params
-from tsbn_kernels import reference
+from tsbn_kernels import dispatch, reference
+from tsbn_kernels.sync_batch_norm import SyncKernels, sync_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif("triton" not in tk.available_backends(DEVICE),
-                                reason="needs Triton (a GPU, or TRITON_INTERPRET=1 on the CPU)")
+# Every test, for each fused backend that has sync kernels on DEVICE (the CPU ops only on the CPU).
+pytestmark = pytest.mark.parametrize("backend", ["cpu", "triton"])
 
 EPS = 1e-5
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
-def _tbn():
-    from tsbn_kernels.kernels import triton_ts_batch_norm
+@dataclass(frozen=True)
+class Fused:
+    kernels: SyncKernels
+    forward: Callable     # the backend's single-process op, ts_bn_forward's signature
+    backward: Callable    # (dy, x, w, b, mean, invstd, count, ids, T, training, sigmoid, relu) -> (dx, dw, db)
+    ops: tuple            # stats, reduce, elemt as OpOverloads, for opcheck
+    sums_dtype: torch.dtype
 
-    return triton_ts_batch_norm
+
+def _fused(backend: str) -> Fused:
+    if backend not in tk.available_backends(DEVICE, "ts_batch_norm_sync"):
+        pytest.skip(f"no {backend} sync kernels on {DEVICE} (triton on the CPU: TRITON_INTERPRET=1)")
+    kernels = sync_kernels(backend)
+    ops = torch.ops.tsbn
+    if backend == "triton":
+        from tsbn_kernels.kernels import triton_ts_batch_norm as t
+
+        return Fused(kernels, t.triton_bn_forward, t.triton_bn_backward, (ops.triton_bn_batch_stats.default,
+                     ops.triton_bn_backward_reduce.default, ops.triton_bn_backward_elemt.default), torch.float32)
+    return Fused(kernels, ops.ts_bn_forward,
+                 lambda dy, x, w, b, mean, invstd, count, ids, T, training, sigmoid, relu:
+                 ops.ts_bn_backward(dy, x, w, b, mean, invstd, ids, T, training, sigmoid, relu),
+                 (ops.ts_bn_batch_stats.default, ops.ts_bn_backward_reduce.default,
+                  ops.ts_bn_backward_elemt.default), torch.float64)
 
 
 def _ids(layout: str, n: int, num_tasks: int, g: torch.Generator) -> torch.Tensor | None:
@@ -156,10 +181,11 @@ def _inputs(case, g, *, offset=3.0, scale=1.0, weight=True, bias=True):
 @pytest.mark.parametrize("case,offset", [pytest.param(case, offset, id=f"{_case_id(case)}-{offset:g}")
                                          for case in CASES for offset in (3.0, 1e4)
                                          if offset < 100 or case[-1] == torch.float32])
-def test_stats_are_the_float64_mean_biased_variance_and_count(case, offset):
+def test_stats_are_the_float64_mean_biased_variance_and_count(backend, case, offset):
+    fused = _fused(backend)
     g = torch.Generator().manual_seed(11)
     x, _, _, ids, num_tasks = _inputs(case, g, offset=offset)
-    mean, var, count = _tbn().triton_bn_batch_stats(x, ids, num_tasks)
+    mean, var, count = fused.kernels.stats(x, ids, num_tasks)
     assert mean.dtype == var.dtype == count.dtype == torch.float32
     want_mean, want_var, want_count = _task_stats64(x, _full_ids(ids, x.shape[0], num_tasks), num_tasks)
     torch.testing.assert_close(count.double(), want_count, rtol=0, atol=0)
@@ -172,8 +198,8 @@ def test_stats_are_the_float64_mean_biased_variance_and_count(case, offset):
         assert mean[1].eq(0).all() and var[1].eq(0).all() and count[1] == 0
 
 
-def _local_statistics(x, ids, num_tasks):
-    mean, var, count = _tbn().triton_bn_batch_stats(x, ids, num_tasks)
+def _local_statistics(fused, x, ids, num_tasks):
+    mean, var, count = fused.kernels.stats(x, ids, num_tasks)
     return mean, torch.rsqrt(var + EPS), count
 
 
@@ -190,13 +216,14 @@ def _gating_id(sigmoid, relu, affine) -> str:
 @pytest.mark.parametrize("case,sigmoid,relu,affine", [
     pytest.param(case, *gating, id=f"{_case_id(case)}-{_gating_id(*gating)}")
     for i, case in enumerate(CASES) for gating in (GATINGS[i % 4], GATINGS[(i + 2) % 4])])
-def test_reduce_sums_are_the_float64_sums_of_the_masked_gradient(case, sigmoid, relu, affine):
+def test_reduce_sums_are_the_float64_sums_of_the_masked_gradient(backend, case, sigmoid, relu, affine):
+    fused = _fused(backend)
     g = torch.Generator().manual_seed(12)
     x, w, b, ids, num_tasks = _inputs(case, g, weight=affine[0], bias=affine[1])
-    mean, invstd, _ = _local_statistics(x, ids, num_tasks)
+    mean, invstd, _ = _local_statistics(fused, x, ids, num_tasks)
     dy = _grad_like(x, g)
-    sum_dy, sum_dy_xmu = _tbn().triton_bn_backward_reduce(dy, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
-    assert sum_dy.dtype == sum_dy_xmu.dtype == torch.float32
+    sum_dy, sum_dy_xmu = fused.kernels.reduce(dy, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
+    assert sum_dy.dtype == sum_dy_xmu.dtype == fused.sums_dtype
     full = _full_ids(ids, x.shape[0], num_tasks)
     want_dy, want_dy_xmu = _sums64(dy, x, w, b, mean, invstd, full, num_tasks, sigmoid, relu)
     terms = x[0, 0].numel() * x.shape[0]
@@ -206,37 +233,37 @@ def test_reduce_sums_are_the_float64_sums_of_the_masked_gradient(case, sigmoid, 
     # dy in another memory layout than x is laid out like x first, as the single-process backward does.
     other = _grad_like(x, g, other_layout=True).copy_(dy)
     assert other.stride() != x.stride()
-    again = _tbn().triton_bn_backward_reduce(other, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
+    again = fused.kernels.reduce(other, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
     assert torch.equal(again[0], sum_dy) and torch.equal(again[1], sum_dy_xmu)
 
 
-def _check_elemt_is_the_backward(case, sigmoid, relu, affine, seed, other_layout):
-    tbn = _tbn()
+def _check_elemt_is_the_backward(fused, case, sigmoid, relu, affine, seed, other_layout):
     g = torch.Generator().manual_seed(seed)
     x, w, b, ids, num_tasks = _inputs(case, g, weight=affine[0], bias=affine[1])
     dy = _grad_like(x, g, other_layout=other_layout)
-    _, mean, invstd, _, count = tbn.triton_bn_forward(x, w, b, None, None, ids, num_tasks, True, EPS, sigmoid, relu)
-    sums = tbn.triton_bn_backward_reduce(dy, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
-    dx = tbn.triton_bn_backward_elemt(dy, x, w, b, mean, invstd, *sums, count, ids, num_tasks, sigmoid, relu)
-    want = tbn.triton_bn_backward(dy, x, w, b, mean, invstd, count, ids, num_tasks, True, sigmoid, relu)[0]
+    _, mean, invstd, _, count = fused.forward(x, w, b, None, None, ids, num_tasks, True, EPS, sigmoid, relu)
+    sums = fused.kernels.reduce(dy, x, w, b, mean, invstd, ids, num_tasks, sigmoid, relu)
+    dx = fused.kernels.elemt(dy, x, w, b, mean, invstd, *sums, count, ids, num_tasks, sigmoid, relu)
+    want = fused.backward(dy, x, w, b, mean, invstd, count, ids, num_tasks, True, sigmoid, relu)[0]
     assert dx.dtype == x.dtype and dx.stride() == want.stride()
     assert torch.equal(dx, want), "elemt with the local sums is not the single-process backward bit for bit"
     _assert_dx_close(dx, _reference_dx(x, dy, w, b, ids, num_tasks, sigmoid, relu), x.dtype, _case_id(case))
     # The sync path's own statistics: the stats op, invstd from the variance; same kernels, same bits.
-    mean2, invstd2, count2 = _local_statistics(x, ids, num_tasks)
+    mean2, invstd2, count2 = _local_statistics(fused, x, ids, num_tasks)
     assert torch.equal(mean2, mean) and torch.equal(count2, count)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_elemt_with_the_local_sums_is_the_single_process_backward(case):
-    _check_elemt_is_the_backward(case, True, True, (True, True), 13, other_layout=False)
+def test_elemt_with_the_local_sums_is_the_single_process_backward(backend, case):
+    _check_elemt_is_the_backward(_fused(backend), case, True, True, (True, True), 13, other_layout=False)
 
 
 @settings(max_examples=12)
 @given(case=st.sampled_from(CASES), sigmoid=st.booleans(), relu=st.booleans(),
        affine=st.tuples(st.booleans(), st.booleans()), seed=st.integers(0, 2 ** 16), other_layout=st.booleans())
-def test_elemt_is_the_backward_for_any_gate_affine_and_layout(case, sigmoid, relu, affine, seed, other_layout):
-    _check_elemt_is_the_backward(case, sigmoid, relu, affine, seed, other_layout)
+def test_elemt_is_the_backward_for_any_gate_affine_and_layout(backend, case, sigmoid, relu, affine, seed,
+                                                               other_layout):
+    _check_elemt_is_the_backward(_fused(backend), case, sigmoid, relu, affine, seed, other_layout)
 
 
 def _merge64(parts):
@@ -252,21 +279,21 @@ def _merge64(parts):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("sigmoid,relu", [(True, True), (False, False)])
-def test_dx_from_the_sums_of_two_ranks_is_the_dx_of_the_whole_batch(case, sigmoid, relu):
-    tbn = _tbn()
+def test_dx_from_the_sums_of_two_ranks_is_the_dx_of_the_whole_batch(backend, case, sigmoid, relu):
+    fused = _fused(backend)
     g = torch.Generator().manual_seed(14)
     x, w, b, ids, num_tasks = _inputs(case, g)
     dy = _grad_like(x, g)
     full = _full_ids(ids, x.shape[0], num_tasks)
     cut = 2                                                   # rank 0 lacks some tasks; rank 1 has the rest
     ranks = [(x[:cut], dy[:cut], full[:cut]), (x[cut:], dy[cut:], full[cut:])]
-    stats = [tbn.triton_bn_batch_stats(xr, ir, num_tasks) for xr, _, ir in ranks]
+    stats = [fused.kernels.stats(xr, ir, num_tasks) for xr, _, ir in ranks]
     mean, var, total = (t.float() for t in _merge64(stats))
     invstd = torch.rsqrt(var + EPS)
-    sums = [tbn.triton_bn_backward_reduce(dyr, xr, w, b, mean, invstd, ir, num_tasks, sigmoid, relu)
+    sums = [fused.kernels.reduce(dyr, xr, w, b, mean, invstd, ir, num_tasks, sigmoid, relu)
             for xr, dyr, ir in ranks]
     sum_dy, sum_dy_xmu = (sums[0][i] + sums[1][i] for i in range(2))
-    dx = torch.cat([tbn.triton_bn_backward_elemt(dyr, xr, w, b, mean, invstd, sum_dy, sum_dy_xmu, total, ir,
+    dx = torch.cat([fused.kernels.elemt(dyr, xr, w, b, mean, invstd, sum_dy, sum_dy_xmu, total, ir,
                                                  num_tasks, sigmoid, relu) for xr, dyr, ir in ranks])
     # Tight: the contract's formula on the same global tables, up to a few fp32 ulps and the rounding of dx to
     # bf16 — one ulp, 2^-7 relative, as the interpreter truncates where the GPU rounds to nearest.
@@ -277,8 +304,8 @@ def test_dx_from_the_sums_of_two_ranks_is_the_dx_of_the_whole_batch(case, sigmoi
     # Loose: the whole batch's dx, from the reference in float64 and from the single-process Triton backward.
     want = _reference_dx(x, dy, w, b, ids, num_tasks, sigmoid, relu)
     _assert_dx_close(dx, want, x.dtype, _case_id(case))
-    whole = tbn.triton_bn_backward(dy, x, w, b, *_local_statistics(x, ids, num_tasks)[:2],
-                                   tbn.triton_bn_batch_stats(x, ids, num_tasks)[2], ids, num_tasks, True, sigmoid,
+    whole = fused.backward(dy, x, w, b, *_local_statistics(fused, x, ids, num_tasks)[:2],
+                                   fused.kernels.stats(x, ids, num_tasks)[2], ids, num_tasks, True, sigmoid,
                                    relu)[0]
     _assert_dx_close(dx, whole.double(), x.dtype, _case_id(case))
 
@@ -286,15 +313,12 @@ def test_dx_from_the_sums_of_two_ranks_is_the_dx_of_the_whole_batch(case, sigmoi
 @pytest.mark.parametrize("case", CASES[:4] + CASES[5:7], ids=_case_id)
 @pytest.mark.parametrize("sigmoid,relu,affine", [(True, True, (True, True)), (False, False, (False, False)),
                                                  (False, True, (True, False))])
-def test_registered_kernels_and_apply_is_the_eval_forward_with_those_statistics(case, sigmoid, relu, affine):
-    from tsbn_kernels.sync_batch_norm import sync_kernels
-
-    tbn = _tbn()
-    kernels = sync_kernels("triton")
-    assert (kernels.stats, kernels.reduce, kernels.elemt) == (tbn.triton_bn_batch_stats,
-                                                             tbn.triton_bn_backward_reduce,
-                                                             tbn.triton_bn_backward_elemt)
-    assert "triton" in tk.available_backends(DEVICE, "ts_batch_norm_sync")
+def test_registered_kernels_and_apply_is_the_eval_forward_with_those_statistics(backend, case, sigmoid, relu,
+                                                                              affine):
+    fused = _fused(backend)
+    kernels = fused.kernels
+    # What the dispatch op of the sync path runs for this backend.
+    assert dispatch.resolve(backend, torch.device(DEVICE), "ts_batch_norm_sync")[1].args == (kernels,)
     g = torch.Generator().manual_seed(15)
     x, w, b, ids, num_tasks = _inputs(case, g, weight=affine[0], bias=affine[1])
     _, _, mean, var = make_params(num_tasks, x.shape[1], torch.float32, generator=g, device=DEVICE)
@@ -308,47 +332,47 @@ def test_registered_kernels_and_apply_is_the_eval_forward_with_those_statistics(
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
-def test_tables_of_the_wrong_shape_are_refused():
-    tbn = _tbn()
+def test_tables_of_the_wrong_shape_are_refused(backend):
+    fused = _fused(backend)
     g = torch.Generator().manual_seed(16)
     x, w, b, ids, num_tasks = _inputs(CASES[0], g)
     dy = _grad_like(x, g)
-    mean, invstd, count = _local_statistics(x, ids, num_tasks)
-    sums = tbn.triton_bn_backward_reduce(dy, x, w, b, mean, invstd, ids, num_tasks, True, False)
+    mean, invstd, count = _local_statistics(fused, x, ids, num_tasks)
+    sums = fused.kernels.reduce(dy, x, w, b, mean, invstd, ids, num_tasks, True, False)
     args = dict(sum_dy=sums[0], sum_dy_xmu=sums[1], count=count)
 
     def elemt(**override):
         a = {**args, **override}
-        return tbn.triton_bn_backward_elemt(dy, x, w, b, mean, invstd, a["sum_dy"], a["sum_dy_xmu"], a["count"],
+        return fused.kernels.elemt(dy, x, w, b, mean, invstd, a["sum_dy"], a["sum_dy_xmu"], a["count"],
                                             ids, num_tasks, True, False)
 
     for name, bad in (("sum_dy", sums[0][:, :-1]), ("sum_dy", sums[0].reshape(-1)),
                       ("sum_dy_xmu", sums[1][:-1]), ("count", count[:-1]), ("count", count.unsqueeze(1)),
                       ("count", torch.cat([count, count]))):
-        with pytest.raises(ValueError, match=rf"^{name} must have shape"):
+        with pytest.raises(ValueError, match=rf"\b{name} must have shape"):
             elemt(**{name: bad})
-    with pytest.raises(ValueError, match=r"^mean must have shape"):
-        tbn.triton_bn_backward_reduce(dy, x, w, b, mean[:-1], invstd, ids, num_tasks, True, False)
-    with pytest.raises(ValueError, match=r"^invstd must have shape"):
-        tbn.triton_bn_backward_elemt(dy, x, w, b, mean, invstd.t(), *sums, count, ids, num_tasks, True, False)
+    with pytest.raises(ValueError, match=r"\bmean must have shape"):
+        fused.kernels.reduce(dy, x, w, b, mean[:-1], invstd, ids, num_tasks, True, False)
+    with pytest.raises(ValueError, match=r"\binvstd must have shape"):
+        fused.kernels.elemt(dy, x, w, b, mean, invstd.t(), *sums, count, ids, num_tasks, True, False)
     elemt()                                                    # the right shapes pass
 
 
 @pytest.mark.parametrize("channels_last,ids,affine", [(False, None, True), (True, [2, 0, 0, 2, 2, 0], True),
                                                       (True, None, False), (False, [2, 0, 0, 2, 2, 0], False)])
-def test_opcheck_sync_ops(channels_last, ids, affine):
-    tbn = _tbn()
+def test_opcheck_sync_ops(backend, channels_last, ids, affine):
+    fused = _fused(backend)
     g = torch.Generator().manual_seed(17)
     x = make_input((6, 3, 2, 3), torch.float32, offset=2.0, channels_last=channels_last, generator=g, device=DEVICE)
     w, b, _, _ = make_params(3, 3, torch.float32, generator=g, device=DEVICE)
     w, b = (w, b) if affine else (None, None)
     ids = None if ids is None else torch.tensor(ids, device=DEVICE)
     dy = _grad_like(x, g)
-    torch.library.opcheck(torch.ops.tsbn.triton_bn_batch_stats.default, (x, ids, 3))
-    mean, var, count = tbn.triton_bn_batch_stats(x, ids, 3)
+    torch.library.opcheck(fused.ops[0], (x, ids, 3))
+    mean, var, count = fused.kernels.stats(x, ids, 3)
     invstd = torch.rsqrt(var + EPS)
-    torch.library.opcheck(torch.ops.tsbn.triton_bn_backward_reduce.default,
+    torch.library.opcheck(fused.ops[1],
                           (dy, x, w, b, mean, invstd, ids, 3, True, True))
-    sums = tbn.triton_bn_backward_reduce(dy, x, w, b, mean, invstd, ids, 3, True, True)
-    torch.library.opcheck(torch.ops.tsbn.triton_bn_backward_elemt.default,
+    sums = fused.kernels.reduce(dy, x, w, b, mean, invstd, ids, 3, True, True)
+    torch.library.opcheck(fused.ops[2],
                           (dy, x, w, b, mean, invstd, *sums, count.double(), ids, 3, True, True))
