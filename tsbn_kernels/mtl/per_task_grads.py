@@ -553,7 +553,10 @@ class OneBackward:
         T = self.num_tasks
         t = torch.arange(T, device=losses.device)
         c = (1 - 2 * (t % 2)) * (1 + t / T)                 # +1, −(1 + 1/T), +(1 + 2/T), ...
-        want = torch.autograd.grad((losses * c.to(losses.dtype)).sum(), self.params, allow_unused=True)
+        # The graph is kept for one more backward, which only a failing comparison runs (the rounding floor below).
+        want = torch.autograd.grad((losses * c.to(losses.dtype)).sum(), self.params, allow_unused=True,
+                                   retain_graph=True)
+        floor = None
         # In norms against the size of the terms Σ_t |c_t|·|G_t| (the signs of c cancel much of the sum), at the
         # precision the forward ran in; a parameter whose gradients are all rounding next to the largest (a bias
         # under a norm: ~0) says nothing.
@@ -564,12 +567,28 @@ class OneBackward:
             return   # an overflowed step (float16 under a loss scale) says nothing; the next one is checked
         if largest == 0.0 and all(w is None or not bool(w.any()) for w in want):
             return   # no gradient at all (zero-initialised heads): nothing was compared, so the next step is checked
-        for p, g, w, size in zip(self.params, columns, want, terms):
+        compared = 0
+        for i, (p, g, w, size) in enumerate(zip(self.params, columns, want, terms)):
             got = c.to(G.dtype) @ g
             w = torch.zeros_like(got) if w is None else w.reshape(-1).to(got.dtype)
             if size < 1e-2 * largest and float(w.norm()) < 1e-2 * largest:
                 continue
-            if float((got - w).norm()) > self._tolerance * max(size, float(w.norm())):
+            compared += 1
+            mismatch = float((got - w).norm())
+            if mismatch > self._tolerance * max(size, float(w.norm())):
+                # A gradient that is rounding through and through (a loss constant up to rounding, as the sum of
+                # a norm's output) differs between any two ways of computing it by about its own size. The
+                # rounding floor of this backward: the same gradient for weights scaled by 4/3 (not a power of
+                # two, so every operation rounds anew), against 4/3 of the first.
+                if floor is None:
+                    again = torch.autograd.grad((losses * (c * 4 / 3).to(losses.dtype)).sum(), self.params,
+                                                allow_unused=True)
+                    floor = [0.0 if a is None else float((a.reshape(-1).to(got.dtype)
+                                                          - 4 / 3 * (0 if b is None else b.reshape(-1).to(got.dtype))
+                                                          ).norm()) for a, b in zip(again, want)]
+                if mismatch <= 64 * floor[i]:
+                    compared -= 1
+                    continue
                 if id(p) in before_replication:
                     name = next((n for n, q in self.model.named_parameters() if q is p), "outside the model")
                     raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
@@ -579,7 +598,8 @@ class OneBackward:
                                  "output feed other tasks' losses than the rows' own (something mixes samples of "
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
                                  "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
-        _split_checked.add(self.model)
+        if compared:            # else every gradient was rounding: nothing was checked, so the next step is
+            _split_checked.add(self.model)
 
 
 def _refuse_outside_parameters(losses: Tensor, known: set[int]) -> None:
