@@ -76,12 +76,13 @@ if [ "$MODE" = tune ]; then
 fi
 
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  # The kernels, their autograd, graphs and aggregation on the GPU; pipeline/analysis tests are CPU-side code.
+  # The kernels, their autograd, graphs and aggregation on the GPU; pipeline/analysis tests are CPU-side code, and
+  # so are the multi-process sync tests (gloo, CPU tensors: one GPU here), whose GPU kernels test_sync_kernels runs.
   phase "GPU tests" 120 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -rfE \
     tests/test_fused_batch_norm.py tests/test_cuda_slab_kernel.py tests/test_fused_layer_norm.py tests/test_triton_split.py tests/test_cuda_graphs.py \
     tests/test_extension.py tests/test_modules.py tests/test_validation.py tests/test_convert.py tests/test_mtl_gramian.py \
     tests/test_mtl_weightings.py tests/test_mtl_per_task.py tests/test_mtl_fused_solver.py tests/test_mtl_fused_cagrad.py \
-    tests/test_mtl_on_device.py "tests/test_mtl_attention.py::test_one_backward_through_a_transformer_on_its_device" tests/test_sync_batch_norm.py tests/test_sync_kernels.py tests/test_tuning.py \
+    tests/test_mtl_on_device.py "tests/test_mtl_attention.py::test_one_backward_through_a_transformer_on_its_device" tests/test_sync_kernels.py tests/test_tuning.py \
     > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/log"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/log"
