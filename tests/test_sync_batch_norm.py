@@ -3,6 +3,7 @@ parameter gradients, running statistics, num_batches_tracked)."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -249,3 +250,28 @@ def test_a_compiled_model_in_sync_mode_equals_the_eager_one(tmp_path):
         torch.testing.assert_close(*saved["y"])
         for got, want in zip(*saved["grads"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def double_backward_worker(rank, world, init_file, out_dir, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    layer = convert_sync(make_layer())
+    layer.backend = backend
+    x, _ = inputs(rank)
+    x.requires_grad_(True)
+    y = layer(x, IDS[rank])
+    try:
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        outcome = "no error"
+    except RuntimeError as exc:
+        outcome = str(exc)
+    (pathlib.Path(out_dir) / f"double{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_sync_mode_refuses_a_second_derivative(tmp_path, backend):
+    """Its collectives are not recorded by autograd: create_graph=True would silently drop the cross-process terms
+    of a gradient penalty or a Hessian-vector product."""
+    mp.spawn(double_backward_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backend), nprocs=2, join=True)
+    for rank in range(2):
+        assert "does not support higher-order gradients" in (tmp_path / f"double{rank}.txt").read_text()

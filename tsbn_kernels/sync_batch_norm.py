@@ -38,9 +38,19 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        _refuse_double_backward(grad)
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank], None
+
+
+def _refuse_double_backward(*tensors: Tensor | None) -> None:
+    # The collectives of a backward are not recorded by autograd: a second derivative through them
+    # (create_graph=True) would silently lose the cross-process terms.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError("sync-mode task-specific batch norm does not support higher-order gradients "
+                           "(backward with create_graph=True): its cross-process terms are not differentiable. "
+                           "Run that computation without sync (convert_sync off, or a single process)")
 
 
 def _all_gather(tensor: Tensor, group) -> Tensor:
@@ -196,6 +206,7 @@ class _FusedSyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, mean, invstd, total, task_ids = ctx.saved_tensors
+        _refuse_double_backward(grad_y, x, weight, bias)
         kernels, num_tasks, sigmoid_gate, relu, group = ctx.config
         if x.numel():
             sum_dy, sum_dy_xmu = kernels.reduce(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks,
