@@ -34,6 +34,22 @@ def gate_values(weight: Tensor | None, gate: str) -> Tensor | None:
     return torch.sigmoid(weight) if gate == "sigmoid" else weight
 
 
+def affine_grads_from_sums(sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None,
+                           bias: Tensor | None, sigmoid_gate: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_weight, grad_bias) of ts_batch_norm from the per-(task, channel) sums Σ dy' and Σ dy'·(x − mean) of the
+    fused backward passes (dy' is dy through the relu); None for an absent parameter. Computed in the sums' dtype."""
+    grad_weight = grad_bias = None
+    if weight is not None:
+        grad_weight = invstd.to(sum_dy_xmu.dtype) * sum_dy_xmu        # Σ dy'·x̂: the gradient of the scale a
+        if sigmoid_gate:
+            gate = torch.sigmoid(weight.to(grad_weight.dtype))
+            grad_weight = grad_weight * gate * (1 - gate)
+        grad_weight = grad_weight.to(weight.dtype)
+    if bias is not None:
+        grad_bias = sum_dy.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
 def task_index(task_ids: Tensor | None, batch: int, num_tasks: int, device: torch.device) -> Tensor:
     """One task index per sample; the replicated batch is task-major: rows [t·N, (t+1)·N) are task t."""
     if task_ids is not None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .reference import accumulation_dtype, gate_values, task_index
+from .reference import accumulation_dtype, affine_grads_from_sums, gate_values, task_index
 
 
 class _AllGather(torch.autograd.Function):
@@ -213,16 +213,11 @@ class _FusedSyncBatchNorm(torch.autograd.Function):
                                                 sigmoid_gate, relu)
         else:
             sum_dy = sum_dy_xmu = torch.zeros_like(mean)
-        grad_weight = grad_bias = grad_x = None
         # The parameter gradients are this rank's (DDP all-reduces them); dx needs the sums of every rank.
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = invstd.to(sum_dy_xmu.dtype) * sum_dy_xmu
-            if sigmoid_gate:
-                gate = torch.sigmoid(weight.to(dw.dtype))
-                dw = dw * gate * (1 - gate)
-            grad_weight = dw.to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(bias.dtype)
+        grad_weight, grad_bias = affine_grads_from_sums(sum_dy, sum_dy_xmu, invstd,
+                                                        weight if ctx.needs_input_grad[1] else None,
+                                                        bias if ctx.needs_input_grad[2] else None, sigmoid_gate)
+        grad_x = None
         if ctx.needs_input_grad[0]:
             # float64 whatever each rank's kernels returned: every rank must send the same bytes.
             sums = torch.cat([sum_dy, sum_dy_xmu], dim=1).to(torch.float64)

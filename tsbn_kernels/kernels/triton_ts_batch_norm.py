@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import dispatch, tuning
-from ..reference import accumulation_dtype
+from ..reference import accumulation_dtype, affine_grads_from_sums
 from ..sync_batch_norm import SyncKernels, register_sync_kernels
 from . import double_backward
 from .triton_utils import accumulation_types, target_programs, task_of_samples
@@ -479,16 +479,9 @@ def triton_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: T
     p = _backward_pass(grad_y, x, weight, bias, mean, invstd, task_ids, num_tasks, sigmoid_gate, relu)
     s1, s2 = _grad_sums(p, num_tasks)
     dx = _grad_input(p, s1, s2, count, training)
-    if weight is not None:
-        s2x = s2 * p.invstd
-        if sigmoid_gate:
-            gate = torch.sigmoid(weight.to(p.acc))
-            s2x = s2x * gate * (1 - gate)
-        grad_weight = s2x.to(weight.dtype)
-    else:
-        grad_weight = x.new_empty((0,))
-    grad_bias = s1.to(bias.dtype) if bias is not None else x.new_empty((0,))
-    return dx, grad_weight, grad_bias
+    grad_weight, grad_bias = affine_grads_from_sums(s1, s2, p.invstd, weight, bias, sigmoid_gate)
+    return (dx, x.new_empty((0,)) if grad_weight is None else grad_weight,
+            x.new_empty((0,)) if grad_bias is None else grad_bias)
 
 
 @triton_bn_backward.register_fake

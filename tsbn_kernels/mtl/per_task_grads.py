@@ -573,7 +573,6 @@ class OneBackward:
             w = torch.zeros_like(got) if w is None else w.reshape(-1).to(got.dtype)
             if size < 1e-2 * largest and float(w.norm()) < 1e-2 * largest:
                 continue
-            compared += 1
             mismatch = float((got - w).norm())
             if mismatch > self._tolerance * max(size, float(w.norm())):
                 # A gradient that is rounding through and through (a loss constant up to rounding, as the sum of
@@ -587,8 +586,7 @@ class OneBackward:
                                                           - 4 / 3 * (0 if b is None else b.reshape(-1).to(got.dtype))
                                                           ).norm()) for a, b in zip(again, want)]
                 if mismatch <= 64 * floor[i]:
-                    compared -= 1
-                    continue
+                    continue       # rounding: this parameter says nothing
                 if id(p) in before_replication:
                     name = next((n for n, q in self.model.named_parameters() if q is p), "outside the model")
                     raise ValueError("a parameter used before mtl.replicate also reaches the losses another way "
@@ -598,6 +596,7 @@ class OneBackward:
                                  "output feed other tasks' losses than the rows' own (something mixes samples of "
                                  "different tasks, or the rows are not in task-major blocks of whole samples — "
                                  "e.g. torch.cat of two batches along dim 0). Use mtl.autograd_gradients")
+            compared += 1
         if compared:            # else every gradient was rounding: nothing was checked, so the next step is
             _split_checked.add(self.model)
 
