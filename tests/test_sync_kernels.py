@@ -1,8 +1,8 @@
 """Each fused backend's kernels of the cross-process batch norm (tsbn_kernels.sync_batch_norm.SyncKernels: the C++
-CPU ops and Triton's): local statistics, apply, gradient sums and dx, against float64 formulas and the eager
-reference; dx from the local sums is the backend's single-process backward bit for bit (the CPU's on its split
-path, whose passes these are), and dx from the sums of a batch split in two "ranks" is the dx of the whole batch.
-Triton runs under TRITON_INTERPRET=1 on the CPU."""
+CPU ops, the C++ CUDA ops and Triton's): local statistics, apply, gradient sums and dx, against float64 formulas and
+the eager reference; dx from the local sums is the backend's single-process backward bit for bit (on its split
+path, whose passes these are: TSBN_CUDA_SLAB=0 for the CUDA ops), and dx from the sums of a batch split in two
+"ranks" is the dx of the whole batch. Triton runs under TRITON_INTERPRET=1 on the CPU; the CUDA ops need a GPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +19,19 @@ from tsbn_kernels import dispatch, reference
 from tsbn_kernels.sync_batch_norm import SyncKernels, sync_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Every test, for each fused backend that has sync kernels on DEVICE (the CPU ops only on the CPU).
-pytestmark = pytest.mark.parametrize("backend", ["cpu", "triton"])
+# Every test, for each fused backend that has sync kernels on DEVICE (the CPU ops only on the CPU, the CUDA ops
+# only on a GPU).
+pytestmark = pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cuda_split_path():
+    # The sync passes are the split design's; the single-process CUDA ops they are compared with bit for bit would
+    # take the slab path where a (task, channel) unit fits in shared memory. (Module scope: hypothesis refuses
+    # function-scoped fixtures; only the CUDA ops read the variable.)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TSBN_CUDA_SLAB", "0")
+        yield
 
 EPS = 1e-5
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -37,7 +48,8 @@ class Fused:
 
 def _fused(backend: str) -> Fused:
     if backend not in tk.available_backends(DEVICE, "ts_batch_norm_sync"):
-        pytest.skip(f"no {backend} sync kernels on {DEVICE} (triton on the CPU: TRITON_INTERPRET=1)")
+        pytest.skip(f"no {backend} sync kernels on {DEVICE} (triton on the CPU: TRITON_INTERPRET=1; cuda: a GPU "
+                    "and a CUDA build of the extension)")
     kernels = sync_kernels(backend)
     ops = torch.ops.tsbn
     if backend == "triton":
@@ -301,7 +313,7 @@ def test_dx_from_the_sums_of_two_ranks_is_the_dx_of_the_whole_batch(backend, cas
                                   relu) for xr, dyr, ir in ranks])
     torch.testing.assert_close(dx.double(), formula, rtol=2e-6 if x.dtype == torch.float32 else 2 ** -7,
                                atol=2e-6 * formula.abs().max().item())
-    # Loose: the whole batch's dx, from the reference in float64 and from the single-process Triton backward.
+    # Loose: the whole batch's dx, from the reference in float64 and from the backend's single-process backward.
     want = _reference_dx(x, dy, w, b, ids, num_tasks, sigmoid, relu)
     _assert_dx_close(dx, want, x.dtype, _case_id(case))
     whole = fused.backward(dy, x, w, b, *_local_statistics(fused, x, ids, num_tasks)[:2],

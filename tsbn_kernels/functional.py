@@ -38,8 +38,8 @@ def ts_batch_norm(
     task present in the batch whatever the momentum. ``num_tasks`` is needed only when no per-task tensor
     is given (affine=False and no running statistics). ``sync=True`` in training, with torch.distributed
     initialised and more than one process in ``process_group``, normalises each task with the statistics of its
-    samples on every process (tsbn_kernels.sync_batch_norm: the backend's fused kernels between the collectives,
-    "auto"'s where the backend has no sync kernels of its own); a task may then have a single value on this
+    samples on every process (tsbn_kernels.sync_batch_norm: the backend's fused kernels between the collectives);
+    a task may then have a single value on this
     process, and one with a single value over all processes normalises to its bias, unchecked (a check would cost
     a host sync per layer).
     """
@@ -48,9 +48,7 @@ def ts_batch_norm(
                                          num_batches_tracked, training, momentum, eps, gate, activation,
                                          across_processes=across_processes)
     if across_processes:
-        # A backend without sync kernels of its own (the CUDA C++ ops) leaves the sync path to "auto" (Triton's).
-        sync_backend = backend if backend in dispatch.available_backends(x.device, "ts_batch_norm_sync") else "auto"
-        _, sync_ts_batch_norm = dispatch.resolve(sync_backend, x.device, "ts_batch_norm_sync")
+        _, sync_ts_batch_norm = dispatch.resolve(backend, x.device, "ts_batch_norm_sync")
         return sync_ts_batch_norm(x, weight, bias, running_mean, running_var, task_ids=layout.task_ids,
                                   num_tasks=layout.num_tasks, momentum=momentum, eps=float(eps), gate=gate,
                                   activation=activation, num_batches_tracked=num_batches_tracked,

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../ts_batch_norm_checks.h"
 #include "../ts_batch_norm_layout.h"
 #include "ts_batch_norm_cpu.h"
 
@@ -210,8 +211,7 @@ template <typename acc_t>
 std::vector<acc_t> table(const c10::optional<at::Tensor>& t, int64_t T, int64_t C, acc_t fill, const char* name) {
   std::vector<acc_t> out(T * C, fill);
   if (t.has_value() && t->defined()) {
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == T && t->size(1) == C, "ts_batch_norm: ", name,
-                      " must have shape (", T, ", ", C, "), got ", t->sizes());
+    check_table_shape(*t, T, C, "ts_batch_norm", name);
     TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "ts_batch_norm: ", name, " must be floating point");
     TORCH_CHECK_VALUE(t->device().is_cpu(), "ts_batch_norm: ", name, " must be on the CPU");
     const at::Tensor dense = t->detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -684,10 +684,8 @@ BackwardTables<acc_t> backward_tables(const at::Tensor& mean, const at::Tensor& 
                                       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                       int64_t T, int64_t C, bool sigmoid_gate) {
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(0) == T && mean.size(1) == C,
-                    "ts_batch_norm backward: mean must have shape (", T, ", ", C, "), got ", mean.sizes());
-  TORCH_CHECK_VALUE(invstd.dim() == 2 && invstd.size(0) == T && invstd.size(1) == C,
-                    "ts_batch_norm backward: invstd must have shape (", T, ", ", C, "), got ", invstd.sizes());
+  check_table_shape(mean, T, C, "ts_batch_norm backward", "mean");
+  check_table_shape(invstd, T, C, "ts_batch_norm backward", "invstd");
   BackwardTables<acc_t> tb;
   tb.mean_acc = mean.to(acc_type).contiguous();
   tb.invstd_acc = invstd.to(acc_type).contiguous();
@@ -930,13 +928,9 @@ at::Tensor ts_bn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& 
   const Blocks& b = blocks.first;
   const at::Tensor& dy = blocks.second;
   const int64_t T = num_tasks, C = b.C;
-  TORCH_CHECK_VALUE(sum_dy.dim() == 2 && sum_dy.size(0) == T && sum_dy.size(1) == C,
-                    "ts_batch_norm backward: sum_dy must have shape (", T, ", ", C, "), got ", sum_dy.sizes());
-  TORCH_CHECK_VALUE(sum_dy_xmu.dim() == 2 && sum_dy_xmu.size(0) == T && sum_dy_xmu.size(1) == C,
-                    "ts_batch_norm backward: sum_dy_xmu must have shape (", T, ", ", C, "), got ",
-                    sum_dy_xmu.sizes());
-  TORCH_CHECK_VALUE(count.dim() == 1 && count.size(0) == T, "ts_batch_norm backward: count must have shape (", T,
-                    ",), got ", count.sizes());
+  check_table_shape(sum_dy, T, C, "ts_batch_norm backward", "sum_dy");
+  check_table_shape(sum_dy_xmu, T, C, "ts_batch_norm backward", "sum_dy_xmu");
+  check_count_shape(count, T, "ts_batch_norm backward");
   const at::Tensor s1 = sum_dy.to(at::kDouble).contiguous(), s2 = sum_dy_xmu.to(at::kDouble).contiguous();
   const at::Tensor m = count.to(at::kDouble).contiguous();
   at::Tensor dx = at::empty_like(b.x);

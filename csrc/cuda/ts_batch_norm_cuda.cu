@@ -21,6 +21,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../ts_batch_norm_checks.h"
 #include "../ts_batch_norm_layout.h"
 
 #include "cuda_utils.cuh"
@@ -98,8 +99,7 @@ Tasks task_map(const c10::optional<at::Tensor>& task_ids, int64_t N, int64_t T, 
 at::Tensor acc_table(const c10::optional<at::Tensor>& t, int64_t T, int64_t C, at::ScalarType acc,
                      const at::Tensor& x, const char* name) {
   if (!(t.has_value() && t->defined())) return at::Tensor();
-  TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == T && t->size(1) == C, "ts_batch_norm: ", name,
-                    " must have shape (", T, ", ", C, "), got ", t->sizes());
+  check_table_shape(*t, T, C, "ts_batch_norm", name);
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "ts_batch_norm: ", name, " must be floating point");
   TORCH_CHECK_VALUE(t->device() == x.device(), "ts_batch_norm: ", name, " must be on ", x.device());
   return t->detach().to(acc).contiguous();
@@ -269,16 +269,154 @@ SlabConfig slab_config(const void* kernel, int64_t N, int64_t C, int64_t S, int6
   return cfg;
 }
 
+// ---- The split design's passes, shared by the single-process ops and the cross-process ones
+// (ts_bn_batch_stats, ts_bn_backward_reduce, ts_bn_backward_elemt: tsbn_kernels/sync_batch_norm.py runs its
+// collectives on the [T, C] results between them) ----
+
+void check_input(const at::Tensor& x, int64_t num_tasks, const char* what) {
+  TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= 5, what, ": expected a 2D to 5D input, got ", x.dim(), "D");
+  TORCH_CHECK_VALUE(num_tasks >= 1, what, ": num_tasks must be >= 1");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "ts_batch_norm: input must be floating point, got ",
+                   x.scalar_type());
+}
+
+// Statistics pass and merge: mean, biased var, invstd = rsqrt(var + eps), scale = gate·invstd ([T, C]) and the
+// element count ([T]) of every task of x. Partial means in double: pivot + shifted mean keeps |mean| >> std
+// exact through the merge.
+template <typename scalar_t, typename acc_t, int VEC, int U>
+void split_batch_stats(const at::Tensor& x, bool interleaved, const Plan& p, int64_t T, double eps,
+                       const at::Tensor& gate, const at::Tensor& mean, const at::Tensor& var,
+                       const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& count,
+                       c10::DeviceIndex device, cudaStream_t stream) {
+  const int64_t C = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const at::Tensor part_mean = at::empty({p.slots, C}, x.options().dtype(at::kDouble));
+  const at::Tensor part_m2 = at::empty({p.slots, C}, mean.options());
+  const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
+  if (interleaved) {
+    const auto kernel = bn_kernels::moments_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
+  } else {
+    const auto kernel = bn_kernels::moments_planar_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_kernels::merge_moments_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
+      part_mean.const_data_ptr<double>(), part_m2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(), p,
+      merge_groups(C), eps, data_or_null<acc_t>(gate), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+      invstd.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), count.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// What every backward pass reads: x and dy in the kernels' layout (dy laid out like x), the task map and the
+// [T, C] tables in the accumulation type (gate and shift undefined where absent).
+struct BackwardInputs {
+  bool interleaved = false;
+  at::Tensor x, dy;
+  int64_t N = 0, C = 0, S = 0;
+  at::ScalarType acc = at::kFloat;
+  Tasks tasks;
+  at::Tensor mean, invstd, gate, shift, scale;
+};
+
+BackwardInputs backward_inputs(const at::Tensor& grad_y, const at::Tensor& x_in,
+                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x_in.sizes());
+  check_input(x_in, num_tasks, "ts_batch_norm backward");
+  BackwardInputs in;
+  in.interleaved = is_interleaved(x_in);
+  in.x = in_layout(x_in, in.interleaved);
+  in.dy = in_layout(grad_y.to(in.x.scalar_type()), in.interleaved);
+  in.N = in.x.size(0);
+  in.C = in.x.size(1);
+  in.S = in.N && in.C ? in.x.numel() / (in.N * in.C) : 0;
+  const int64_t T = num_tasks;
+  in.acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.tasks = task_map(task_ids, in.N, T, in.x);
+  check_table_shape(mean, T, in.C, "ts_batch_norm backward", "mean");
+  check_table_shape(invstd, T, in.C, "ts_batch_norm backward", "invstd");
+  for (const at::Tensor* t : {&grad_y, &mean, &invstd})
+    TORCH_CHECK_VALUE(t->device() == x_in.device(), "ts_batch_norm backward: grad_y, mean and invstd must be on ",
+                      x_in.device(), ", got ", t->device());
+  in.mean = mean.to(in.acc).contiguous();
+  in.invstd = invstd.to(in.acc).contiguous();
+  in.gate = gate_table(weight, T, in.C, in.acc, sigmoid_gate, in.x);
+  in.shift = acc_table(bias, T, in.C, in.acc, in.x, "bias");
+  in.scale = in.gate.defined() ? (in.gate * in.invstd).contiguous() : in.invstd;
+  return in;
+}
+
+// Gradient-sums pass and merge: s1 = Σdy', s2 = Σdy'·(x − mean) (double, [T, C]) of x's tasks and the dx
+// coefficients from x's own element counts.
+template <typename scalar_t, typename acc_t, int VEC, int U>
+void split_grad_sums(const BackwardInputs& in, const Plan& p, int64_t T, bool relu, bool training,
+                     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& coef_dy, const at::Tensor& coef_d,
+                     const at::Tensor& coef_0, c10::DeviceIndex device, cudaStream_t stream) {
+  const int64_t C = in.C;
+  const at::Tensor part_s1 = at::empty({p.slots, C}, in.x.options().dtype(in.acc));
+  const at::Tensor part_s2 = at::empty_like(part_s1);
+  const at::Tensor part_count = at::empty({p.slots}, in.x.options().dtype(at::kLong));
+  const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = in.dy.const_data_ptr<scalar_t>();
+  const acc_t* mp = in.mean.const_data_ptr<acc_t>();
+  const acc_t* sp = in.scale.const_data_ptr<acc_t>();
+  const acc_t* hp = data_or_null<acc_t>(in.shift);
+  if (in.interleaved) {
+    const auto kernel = bn_kernels::grad_sums_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
+        part_count.data_ptr<int64_t>());
+  } else {
+    const auto kernel = bn_kernels::grad_sums_planar_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
+        part_count.data_ptr<int64_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_kernels::merge_sums_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
+      part_s1.const_data_ptr<acc_t>(), part_s2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(), p,
+      merge_groups(C), data_or_null<acc_t>(in.gate), in.invstd.const_data_ptr<acc_t>(), training,
+      s1.data_ptr<double>(), s2.data_ptr<double>(), coef_dy.data_ptr<acc_t>(), coef_d.data_ptr<acc_t>(),
+      coef_0.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dx pass: dx = coef_dy·dy' + coef_d·(x − mean) + coef_0.
+template <typename scalar_t, typename acc_t, int VEC, int U>
+void split_grad_input(const BackwardInputs& in, const Plan& p, bool relu, const at::Tensor& coef_dy,
+                      const at::Tensor& coef_d, const at::Tensor& coef_0, const at::Tensor& dx,
+                      c10::DeviceIndex device, cudaStream_t stream) {
+  const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = in.dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const acc_t* mp = in.mean.const_data_ptr<acc_t>();
+  const acc_t* sp = in.scale.const_data_ptr<acc_t>();
+  const acc_t* hp = data_or_null<acc_t>(in.shift);
+  if (in.interleaved) {
+    const auto kernel = bn_kernels::grad_input_interleaved_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
+        coef_0.const_data_ptr<acc_t>(), relu);
+  } else {
+    const auto kernel = bn_kernels::grad_input_planar_kernel<scalar_t, acc_t, VEC, U>;
+    kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
+        xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
+        coef_0.const_data_ptr<acc_t>(), relu);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_forward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool training, double eps, bool sigmoid_gate,
     bool relu) {
-  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_batch_norm: expected a 2D to 5D input, got ",
-                    x_in.dim(), "D");
-  TORCH_CHECK_VALUE(num_tasks >= 1, "ts_batch_norm: num_tasks must be >= 1");
-  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_batch_norm: input must be floating point, got ",
-                   x_in.scalar_type());
+  check_input(x_in, num_tasks, "ts_batch_norm");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
   const bool interleaved = is_interleaved(x_in);
@@ -333,27 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
         }
       }
       const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
-      if (training) {
-        // Partial means in double: pivot + shifted mean keeps |mean| >> std exact through the merge.
-        const at::Tensor part_mean = at::empty({p.slots, C}, x.options().dtype(at::kDouble));
-        const at::Tensor part_m2 = at::empty({p.slots, C}, acc_options);
-        const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
-        if (interleaved) {
-          const auto kernel = bn_kernels::moments_interleaved_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
-        } else {
-          const auto kernel = bn_kernels::moments_planar_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        bn_kernels::merge_moments_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
-            part_mean.const_data_ptr<double>(), part_m2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(),
-            p, merge_groups(C), eps, data_or_null<acc_t>(gate), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-            invstd.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), count.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      if (training)
+        split_batch_stats<scalar_t, acc_t, VEC, U>(x, interleaved, p, T, eps, gate, mean, var, invstd, scale, count,
+                                                   device, stream);
       if (interleaved) {
         const auto kernel = bn_kernels::apply_interleaved_kernel<scalar_t, acc_t, VEC, U>;
         kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
@@ -375,29 +495,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in,
     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool training, bool sigmoid_gate, bool relu) {
-  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
-                    " but x has shape ", x_in.sizes());
-  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_batch_norm backward: expected a 2D to 5D input, got ",
-                    x_in.dim(), "D");
-  TORCH_CHECK_VALUE(num_tasks >= 1, "ts_batch_norm backward: num_tasks must be >= 1");
-  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_batch_norm: input must be floating point, got ",
-                   x_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
-  const bool interleaved = is_interleaved(x_in);
-  const at::Tensor x = in_layout(x_in, interleaved);
-  const at::Tensor dy = in_layout(grad_y.to(x.scalar_type()), interleaved);
-  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
-  const int64_t T = num_tasks;
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::TensorOptions acc_options = x.options().dtype(acc);
-  const Tasks tasks = task_map(task_ids, N, T, x);
-  const at::Tensor mean = mean_in.to(acc).contiguous(), invstd = invstd_in.to(acc).contiguous();
-  TORCH_CHECK_VALUE(mean.numel() == T * C && invstd.numel() == T * C,
-                    "ts_batch_norm backward: saved statistics must have shape (", T, ", ", C, ")");
-  const at::Tensor gate = gate_table(weight, T, C, acc, sigmoid_gate, x);
-  const at::Tensor shift = acc_table(bias, T, C, acc, x, "bias");
-  const at::Tensor scale = gate.defined() ? (gate * invstd).contiguous() : invstd;
+  const BackwardInputs in =
+      backward_inputs(grad_y, x_in, weight, bias, mean_in, invstd_in, task_ids, num_tasks, sigmoid_gate);
+  const at::Tensor& x = in.x;
+  const int64_t N = in.N, C = in.C, S = in.S, T = num_tasks;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor dx = at::empty_like(x);
@@ -411,70 +514,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+      const scalar_t* gp = in.dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.data_ptr<scalar_t>();
-      with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {xp, gp, dxp}), [&](auto vec_tag) {
+      with_vec<scalar_t>(pick_vec<scalar_t>(in.interleaved, C, S, {xp, gp, dxp}), [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 2>();
         {
           constexpr int US = bn_kernels::slab_depth<scalar_t, VEC, 2>();
           const auto kernel = bn_kernels::slab_backward_kernel<scalar_t, acc_t, VEC, US>;
-          const SlabConfig slab = slab_config(reinterpret_cast<const void*>(kernel), N, C, S, T, interleaved, tasks,
-                                              VEC, US, sizeof(scalar_t), 2, device);
+          const SlabConfig slab = slab_config(reinterpret_cast<const void*>(kernel), N, C, S, T, in.interleaved,
+                                              in.tasks, VEC, US, sizeof(scalar_t), 2, device);
           if (slab.use) {
             kernel<<<slab.plan.units, slab.plan.threads, slab.smem, stream>>>(
-                xp, gp, dxp, slab.plan, mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-                data_or_null<acc_t>(shift), data_or_null<acc_t>(gate), invstd.const_data_ptr<acc_t>(), relu, training,
-                s1.data_ptr<double>(), s2.data_ptr<double>());
+                xp, gp, dxp, slab.plan, in.mean.const_data_ptr<acc_t>(), in.scale.const_data_ptr<acc_t>(),
+                data_or_null<acc_t>(in.shift), data_or_null<acc_t>(in.gate), in.invstd.const_data_ptr<acc_t>(), relu,
+                training, s1.data_ptr<double>(), s2.data_ptr<double>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             return;
           }
         }
-        const at::Tensor coef_dy = at::empty({T, C}, acc_options);
+        const at::Tensor coef_dy = at::empty({T, C}, x.options().dtype(in.acc));
         const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
-        const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
-        const at::Tensor part_s1 = at::empty({p.slots, C}, acc_options);
-        const at::Tensor part_s2 = at::empty_like(part_s1);
-        const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
-        const acc_t* mp = mean.const_data_ptr<acc_t>();
-        const acc_t* sp = scale.const_data_ptr<acc_t>();
-        const acc_t* hp = data_or_null<acc_t>(shift);
-        if (interleaved) {
-          const auto kernel = bn_kernels::grad_sums_interleaved_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
-              part_count.data_ptr<int64_t>());
-        } else {
-          const auto kernel = bn_kernels::grad_sums_planar_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, gp, p, mp, sp, hp, relu, part_s1.data_ptr<acc_t>(), part_s2.data_ptr<acc_t>(),
-              part_count.data_ptr<int64_t>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        bn_kernels::merge_sums_kernel<acc_t><<<merge_grid(T, C), kMergeThreads, 0, stream>>>(
-            part_s1.const_data_ptr<acc_t>(), part_s2.const_data_ptr<acc_t>(), part_count.const_data_ptr<int64_t>(), p,
-            merge_groups(C), data_or_null<acc_t>(gate), invstd.const_data_ptr<acc_t>(), training,
-            s1.data_ptr<double>(), s2.data_ptr<double>(), coef_dy.data_ptr<acc_t>(), coef_d.data_ptr<acc_t>(),
-            coef_0.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (interleaved) {
-          const auto kernel = bn_kernels::grad_input_interleaved_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
-              coef_0.const_data_ptr<acc_t>(), relu);
-        } else {
-          const auto kernel = bn_kernels::grad_input_planar_kernel<scalar_t, acc_t, VEC, U>;
-          kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
-              xp, gp, dxp, p, mp, sp, hp, coef_dy.const_data_ptr<acc_t>(), coef_d.const_data_ptr<acc_t>(),
-              coef_0.const_data_ptr<acc_t>(), relu);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const Plan p = plan_for(N, C, S, in.interleaved, VEC, U, in.tasks, device);
+        split_grad_sums<scalar_t, acc_t, VEC, U>(in, p, T, relu, training, s1, s2, coef_dy, coef_d, coef_0, device,
+                                                 stream);
+        split_grad_input<scalar_t, acc_t, VEC, U>(in, p, relu, coef_dy, coef_d, coef_0, dx, device, stream);
       });
     });
   }
   at::Tensor dweight = at::empty({0}, x.options());
   if (weight.has_value() && weight->defined()) {
-    at::Tensor dw = s2 * invstd.to(at::kDouble);  // Σdy'·x̂
+    at::Tensor dw = s2 * in.invstd.to(at::kDouble);  // Σdy'·x̂
     if (sigmoid_gate) {
       const at::Tensor sg = weight->detach().to(at::kDouble).sigmoid();
       dw = dw * sg * (1 - sg);
@@ -483,6 +553,126 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
   }
   at::Tensor dbias = bias.has_value() && bias->defined() ? s1.to(bias->scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
+}
+
+// This process's (mean, biased var, element count) per (task, channel) in the accumulation type: the split
+// path's statistics pass and merge (an absent task: 0, 0, 0; an empty x: all zeros).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_batch_stats_cuda(const at::Tensor& x_in,
+                                                                       const c10::optional<at::Tensor>& task_ids,
+                                                                       int64_t num_tasks) {
+  check_input(x_in, num_tasks, "ts_batch_norm");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
+  const bool interleaved = is_interleaved(x_in);
+  const at::Tensor x = in_layout(x_in, interleaved);
+  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
+  const int64_t T = num_tasks;
+  const at::TensorOptions acc_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const Tasks tasks = task_map(task_ids, N, T, x);
+  if (x.numel() == 0) {
+    const at::Tensor zeros = at::zeros({T, C}, acc_options);
+    return {zeros, zeros.clone(), at::zeros({T}, acc_options)};
+  }
+  const at::Tensor mean = at::empty({T, C}, acc_options), var = at::empty_like(mean);
+  const at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean);  // not returned
+  const at::Tensor count = at::empty({T}, acc_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_batch_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {x.const_data_ptr<scalar_t>()}), [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      // The forward's tile depth, so that the partitions, and with them the statistics' bits, are the forward's.
+      constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 1>();
+      const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
+      split_batch_stats<scalar_t, acc_t, VEC, U>(x, interleaved, p, T, /*eps (invstd is not returned)=*/1.0,
+                                                 at::Tensor(), mean, var, invstd, scale, count, device, stream);
+    });
+  });
+  return {mean, var, count};
+}
+
+// This process's s1 = Σ dy', s2 = Σ dy'·(x − mean) per (task, channel), in float64.
+std::tuple<at::Tensor, at::Tensor> ts_bn_backward_reduce_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate, bool relu) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
+  const BackwardInputs in = backward_inputs(grad_y, x_in, weight, bias, mean, invstd, task_ids, num_tasks,
+                                            sigmoid_gate);
+  const int64_t T = num_tasks, C = in.C;
+  const at::TensorOptions double_options = in.x.options().dtype(at::kDouble);
+  if (in.x.numel() == 0) return {at::zeros({T, C}, double_options), at::zeros({T, C}, double_options)};
+  const at::Tensor s1 = at::empty({T, C}, double_options), s2 = at::empty_like(s1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "ts_bn_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // The backward's pack width rule (dx is a fresh, aligned allocation there), so that its partitions are the
+    // backward's.
+    const int vec = pick_vec<scalar_t>(in.interleaved, C, in.S,
+                                       {in.x.const_data_ptr<scalar_t>(), in.dy.const_data_ptr<scalar_t>()});
+    with_vec<scalar_t>(vec, [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 2>();
+      const Plan p = plan_for(in.N, C, in.S, in.interleaved, VEC, U, in.tasks, device);
+      const at::Tensor coef_dy = at::empty({T, C}, in.x.options().dtype(in.acc));  // not returned
+      const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
+      split_grad_sums<scalar_t, acc_t, VEC, U>(in, p, T, relu, /*training=*/true, s1, s2, coef_dy, coef_d, coef_0,
+                                               device, stream);
+    });
+  });
+  return {s1, s2};
+}
+
+// dx of the training backward from sums and counts given from outside (every process's): the dx coefficients
+// from them, then the split path's dx pass.
+at::Tensor ts_bn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                     const at::Tensor& sum_dy_xmu, const at::Tensor& count,
+                                     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate,
+                                     bool relu) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceIndex device = x_in.device().index();
+  const BackwardInputs in = backward_inputs(grad_y, x_in, weight, bias, mean, invstd, task_ids, num_tasks,
+                                            sigmoid_gate);
+  const int64_t T = num_tasks, C = in.C;
+  check_table_shape(sum_dy, T, C, "ts_batch_norm backward", "sum_dy");
+  check_table_shape(sum_dy_xmu, T, C, "ts_batch_norm backward", "sum_dy_xmu");
+  check_count_shape(count, T, "ts_batch_norm backward");
+  for (const at::Tensor* t : {&sum_dy, &sum_dy_xmu, &count})
+    TORCH_CHECK_VALUE(t->device() == in.x.device(), "ts_batch_norm backward: the sums and counts must be on ",
+                      in.x.device(), ", got ", t->device());
+  const at::Tensor s1 = sum_dy.to(at::kDouble).contiguous(), s2 = sum_dy_xmu.to(at::kDouble).contiguous();
+  const at::Tensor m = count.to(at::kDouble).contiguous();
+  at::Tensor dx = at::empty_like(in.x);
+  if (in.x.numel() == 0) return dx;
+  TORCH_CHECK(T * C <= std::numeric_limits<int32_t>::max(), "ts_batch_norm: num_tasks · channels too large");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "ts_bn_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor coef_dy = at::empty({T, C}, in.x.options().dtype(in.acc));
+    const at::Tensor coef_d = at::empty_like(coef_dy), coef_0 = at::empty_like(coef_dy);
+    const int units = static_cast<int>(T * C);
+    bn_kernels::dx_coefficients_kernel<acc_t>
+        <<<(units + bn_kernels::kCoefficientThreads - 1) / bn_kernels::kCoefficientThreads,
+           bn_kernels::kCoefficientThreads, 0, stream>>>(
+            s1.const_data_ptr<double>(), s2.const_data_ptr<double>(), m.const_data_ptr<double>(),
+            data_or_null<acc_t>(in.gate), in.invstd.const_data_ptr<acc_t>(), static_cast<int>(C), units,
+            coef_dy.data_ptr<acc_t>(), coef_d.data_ptr<acc_t>(), coef_0.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    with_vec<scalar_t>(pick_vec<scalar_t>(in.interleaved, C, in.S, {xp, in.dy.const_data_ptr<scalar_t>(),
+                                                                     dx.const_data_ptr<scalar_t>()}),
+                       [&](auto vec_tag) {
+                         constexpr int VEC = decltype(vec_tag)::value;
+                         constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 2>();
+                         const Plan p = plan_for(in.N, C, in.S, in.interleaved, VEC, U, in.tasks, device);
+                         split_grad_input<scalar_t, acc_t, VEC, U>(in, p, relu, coef_dy, coef_d, coef_0, dx, device,
+                                                                   stream);
+                       });
+  });
+  return dx;
 }
 
 // Which path ts_bn_forward (backward=false: the training forward) or ts_bn_backward takes for x under the
@@ -529,6 +719,9 @@ TORCH_LIBRARY_FRAGMENT(tsbn, m) {
 TORCH_LIBRARY_IMPL(tsbn, CUDA, m) {
   m.impl("ts_bn_forward", &ts_bn_forward_cuda);
   m.impl("ts_bn_backward", &ts_bn_backward_cuda);
+  m.impl("ts_bn_batch_stats", &ts_bn_batch_stats_cuda);
+  m.impl("ts_bn_backward_reduce", &ts_bn_backward_reduce_cuda);
+  m.impl("ts_bn_backward_elemt", &ts_bn_backward_elemt_cuda);
 }
 
 }  // namespace tsbn

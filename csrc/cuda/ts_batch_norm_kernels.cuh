@@ -927,9 +927,26 @@ __global__ void __launch_bounds__(kMergeThreads)
   if (g == 0 && lane == 0) count[t] = static_cast<acc_t>(tn);
 }
 
+// The input-gradient coefficients of one (task, channel): dx = coef_dy·dy' + coef_d·(x − mean) + coef_0 with
+// coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval), ar = a·r, r = invstd, m the
+// element count of the task (a task without elements has s1 = s2 = 0). The one formula of merge_sums_kernel,
+// slab_backward_kernel and dx_coefficients_kernel, so that every path rounds them alike.
+template <typename acc_t>
+struct DxCoefficients {
+  acc_t dy, d, zero;
+};
+
+template <typename acc_t>
+__host__ __device__ __forceinline__ DxCoefficients<acc_t> dx_coefficients(double ar, double r, double s1, double s2,
+                                                                          double m, bool training) {
+  const double mm = m > 1.0 ? m : 1.0;
+  return {static_cast<acc_t>(ar), training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0),
+          training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0)};
+}
+
 // Backward merge: s1, s2 (double) per (task, channel) and, from the element count m of each task, the
-// input-gradient coefficients coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval),
-// r = invstd. m is counted here from the slots, so no host-side count (bincount) is needed.
+// input-gradient coefficients (dx_coefficients). m is counted here from the slots, so no host-side count
+// (bincount) is needed.
 template <typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_sums_kernel(const acc_t* __restrict__ part_s1, const acc_t* __restrict__ part_s2,
@@ -984,12 +1001,33 @@ __global__ void __launch_bounds__(kMergeThreads)
   const int64_t k = static_cast<int64_t>(t) * p.C + c;
   const double r = static_cast<double>(invstd[k]);
   const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
-  const double mm = m > 1.0 ? m : 1.0;
   s1_out[k] = s1;
   s2_out[k] = s2;
-  coef_dy[k] = static_cast<acc_t>(ar);
-  coef_d[k] = training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0);
-  coef_0[k] = training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0);
+  const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, s1, s2, m, training);
+  coef_dy[k] = coef.dy;
+  coef_d[k] = coef.d;
+  coef_0[k] = coef.zero;
+}
+
+// The cross-process backward's coefficients (tsbn_kernels/sync_batch_norm.py): dx_coefficients of the training
+// backward from the sums s1, s2 and the element counts m of every process, given from outside; one thread per
+// (task, channel), `units` = T·C.
+constexpr int kCoefficientThreads = 256;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kCoefficientThreads)
+    dx_coefficients_kernel(const double* __restrict__ s1, const double* __restrict__ s2,
+                           const double* __restrict__ count, const acc_t* __restrict__ gate,
+                           const acc_t* __restrict__ invstd, int C, int units, acc_t* __restrict__ coef_dy,
+                           acc_t* __restrict__ coef_d, acc_t* __restrict__ coef_0) {
+  const int k = static_cast<int>(blockIdx.x) * kCoefficientThreads + static_cast<int>(threadIdx.x);
+  if (k >= units) return;
+  const double r = static_cast<double>(invstd[k]);
+  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
+  const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, s1[k], s2[k], count[k / C], /*training=*/true);
+  coef_dy[k] = coef.dy;
+  coef_d[k] = coef.d;
+  coef_0[k] = coef.zero;
 }
 
 
@@ -1013,7 +1051,7 @@ __global__ void __launch_bounds__(kMergeThreads)
 // never on the grid or the schedule. mean, invstd, scale = gate·invstd are rounded exactly as
 // merge_moments_kernel rounds them, and y = fma(x − mean, scale, shift), so the backward's relu mask (from the
 // saved mean and invstd) matches the forward's y. Backward: s1 = Σdy', s2 = Σdy'·(x − mean) during the load
-// (the masked dy' is what goes to shared memory), the dx coefficients as in merge_sums_kernel.
+// (the masked dy' is what goes to shared memory), the dx coefficients from dx_coefficients.
 //
 // Shared memory and barriers. Every pass of a thread visits the same packs q, so each slot of the slab is
 // written and read by one thread only: the slab needs no barrier, and a thread goes on to the next unit's loads
@@ -1250,7 +1288,7 @@ __global__ void __launch_bounds__(kSlabMaxThreads)
 }
 
 // Backward of whole units: s1 = Σdy', s2 = Σdy'·(x − mean) (double, [T, C]) and dx = coef_dy·dy' +
-// coef_d·(x − mean) + coef_0 with the coefficients of merge_sums_kernel (coef_d = coef_0 = 0 in eval); dy' is
+// coef_d·(x − mean) + coef_0 with the coefficients of dx_coefficients (coef_d = coef_0 = 0 in eval); dy' is
 // dy masked by the relu recomputed from x. Dynamic shared memory: 2 · packs · sizeof(Pack<scalar_t, VEC>)
 // bytes (x, then dy').
 template <typename scalar_t, typename acc_t, int VEC, int U>
@@ -1308,9 +1346,8 @@ __global__ void __launch_bounds__(kSlabMaxThreads)
     block_sum2(s1, s2, red[(u / static_cast<int>(gridDim.x)) & 1], warps, t1, t2);
     const double r = static_cast<double>(invstd[u]);
     const double ar = (gate != nullptr ? static_cast<double>(gate[u]) : 1.0) * r;
-    const acc_t a = static_cast<acc_t>(ar);
-    const acc_t b = training ? static_cast<acc_t>(-ar * r * (t2 * r) / m) : acc_t(0);
-    const acc_t z = training ? static_cast<acc_t>(-ar * t1 / m) : acc_t(0);
+    const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, t1, t2, m, training);
+    const acc_t a = coef.dy, b = coef.d, z = coef.zero;
     if (tid == 0) {
       s1_out[u] = t1;
       s2_out[u] = t2;

@@ -260,6 +260,22 @@ Outputs run_kernels(const Case& cs, const Buffer<scalar_t>& x, const Buffer<scal
     merge_sums_kernel<acc_t>(part_s1.data(), part_s2.data(), part_count.data(), p2, groups, gate_p, invstd.data(),
                              cs.training, s1.data(), s2.data(), coef_dy.data(), coef_d.data(), coef_0.data());
   });
+  if (cs.training) {
+    // The cross-process backward (ts_bn_backward_elemt) computes the coefficients from sums and counts given from
+    // outside: from this batch's own, they must be the merge's bit for bit, so its dx pass is the backward's.
+    std::vector<double> m(T);
+    for (int t = 0; t < T; ++t) m[t] = static_cast<double>(count[t]);
+    std::vector<acc_t> sync_dy(T * C, NAN), sync_d(T * C, NAN), sync_0(T * C, NAN);
+    sim::launch((T * C + kCoefficientThreads - 1) / kCoefficientThreads, kCoefficientThreads, [&] {
+      dx_coefficients_kernel<acc_t>(s1.data(), s2.data(), m.data(), gate_p, invstd.data(), C, T * C, sync_dy.data(),
+                                    sync_d.data(), sync_0.data());
+    });
+    const size_t bytes = sizeof(acc_t) * T * C;
+    EXPECT(std::memcmp(sync_dy.data(), coef_dy.data(), bytes) == 0 &&
+               std::memcmp(sync_d.data(), coef_d.data(), bytes) == 0 &&
+               std::memcmp(sync_0.data(), coef_0.data(), bytes) == 0,
+           "dx_coefficients_kernel from the batch's sums and counts differs from merge_sums_kernel's coefficients");
+  }
   sim::launch(grid2, kThreads, [&] {
     if (cs.interleaved)
       grad_input_interleaved_kernel<scalar_t, acc_t, VEC, U2>(x.data, dy.data, dx.data, p2, mean.data(), scale.data(),

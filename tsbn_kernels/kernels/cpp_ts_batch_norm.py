@@ -102,9 +102,11 @@ def _apply(x, weight, bias, mean, var, task_ids, num_tasks, eps, sigmoid_gate, r
     return _ops.ts_bn_forward(x, weight, bias, mean, var, task_ids, num_tasks, False, eps, sigmoid_gate, relu)[0]
 
 
+# The cross-process path's passes are the same ops on either device (the CPU or the CUDA kernels of csrc/).
+_SYNC_KERNELS = SyncKernels(stats=_ops.ts_bn_batch_stats, apply=_apply, reduce=_ops.ts_bn_backward_reduce,
+                            elemt=_ops.ts_bn_backward_elemt)
 dispatch.register("cpu", "ts_batch_norm", ts_batch_norm, ("cpu",))
-# The cross-process path runs on the CPU kernels; on CUDA tensors the sync path is Triton's (see functional.py).
-register_sync_kernels("cpu", SyncKernels(stats=_ops.ts_bn_batch_stats, apply=_apply, reduce=_ops.ts_bn_backward_reduce,
-                                         elemt=_ops.ts_bn_backward_elemt), ("cpu",))
+register_sync_kernels("cpu", _SYNC_KERNELS, ("cpu",))
 if _extension.has_cuda_kernels():
     dispatch.register("cuda", "ts_batch_norm", ts_batch_norm, ("cuda",))
+    register_sync_kernels("cuda", _SYNC_KERNELS, ("cuda",))
