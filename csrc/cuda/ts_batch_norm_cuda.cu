@@ -273,27 +273,46 @@ SlabConfig slab_config(const void* kernel, int64_t N, int64_t C, int64_t S, int6
 // (ts_bn_batch_stats, ts_bn_backward_reduce, ts_bn_backward_elemt: tsbn_kernels/sync_batch_norm.py runs its
 // collectives on the [T, C] results between them) ----
 
-void check_input(const at::Tensor& x, int64_t num_tasks, const char* what) {
-  TORCH_CHECK_VALUE(x.dim() >= 2 && x.dim() <= 5, what, ": expected a 2D to 5D input, got ", x.dim(), "D");
+// x as the kernels read it: in their layout, as [N, C, S], with its accumulation type and task map.
+struct Input {
+  bool interleaved = false;
+  at::Tensor x;
+  int64_t N = 0, C = 0, S = 0;
+  at::ScalarType acc = at::kFloat;
+  Tasks tasks;
+};
+
+Input kernel_input(const at::Tensor& x_in, const c10::optional<at::Tensor>& task_ids, int64_t num_tasks,
+                   const char* what) {
+  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, what, ": expected a 2D to 5D input, got ", x_in.dim(), "D");
   TORCH_CHECK_VALUE(num_tasks >= 1, what, ": num_tasks must be >= 1");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "ts_batch_norm: input must be floating point, got ",
-                   x.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_batch_norm: input must be floating point, got ",
+                   x_in.scalar_type());
+  Input in;
+  in.interleaved = is_interleaved(x_in);
+  in.x = in_layout(x_in, in.interleaved);
+  in.N = in.x.size(0);
+  in.C = in.x.size(1);
+  in.S = in.N && in.C ? in.x.numel() / (in.N * in.C) : 0;
+  in.acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.tasks = task_map(task_ids, in.N, num_tasks, in.x);
+  return in;
 }
 
 // Statistics pass and merge: mean, biased var, invstd = rsqrt(var + eps), scale = gate·invstd ([T, C]) and the
 // element count ([T]) of every task of x. Partial means in double: pivot + shifted mean keeps |mean| >> std
 // exact through the merge.
 template <typename scalar_t, typename acc_t, int VEC, int U>
-void split_batch_stats(const at::Tensor& x, bool interleaved, const Plan& p, int64_t T, double eps,
-                       const at::Tensor& gate, const at::Tensor& mean, const at::Tensor& var,
-                       const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& count,
-                       c10::DeviceIndex device, cudaStream_t stream) {
-  const int64_t C = x.size(1);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const at::Tensor part_mean = at::empty({p.slots, C}, x.options().dtype(at::kDouble));
+void split_batch_stats(const Input& in, const Plan& p, int64_t T, double eps, const at::Tensor& gate,
+                       const at::Tensor& mean, const at::Tensor& var, const at::Tensor& invstd,
+                       const at::Tensor& scale, const at::Tensor& count, c10::DeviceIndex device,
+                       cudaStream_t stream) {
+  const int64_t C = in.C;
+  const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+  const at::Tensor part_mean = at::empty({p.slots, C}, in.x.options().dtype(at::kDouble));
   const at::Tensor part_m2 = at::empty({p.slots, C}, mean.options());
-  const at::Tensor part_count = at::empty({p.slots}, x.options().dtype(at::kLong));
-  if (interleaved) {
+  const at::Tensor part_count = at::empty({p.slots}, in.x.options().dtype(at::kLong));
+  if (in.interleaved) {
     const auto kernel = bn_kernels::moments_interleaved_kernel<scalar_t, acc_t, VEC, U>;
     kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
         xp, p, part_mean.data_ptr<double>(), part_m2.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
@@ -310,14 +329,10 @@ void split_batch_stats(const at::Tensor& x, bool interleaved, const Plan& p, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// What every backward pass reads: x and dy in the kernels' layout (dy laid out like x), the task map and the
-// [T, C] tables in the accumulation type (gate and shift undefined where absent).
-struct BackwardInputs {
-  bool interleaved = false;
-  at::Tensor x, dy;
-  int64_t N = 0, C = 0, S = 0;
-  at::ScalarType acc = at::kFloat;
-  Tasks tasks;
+// What every backward pass reads: x, dy laid out like x, and the [T, C] tables in the accumulation type (gate
+// and shift undefined where absent).
+struct BackwardInputs : Input {
+  at::Tensor dy;
   at::Tensor mean, invstd, gate, shift, scale;
 };
 
@@ -327,17 +342,10 @@ BackwardInputs backward_inputs(const at::Tensor& grad_y, const at::Tensor& x_in,
                                const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool sigmoid_gate) {
   TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "ts_batch_norm backward: grad_y has shape ", grad_y.sizes(),
                     " but x has shape ", x_in.sizes());
-  check_input(x_in, num_tasks, "ts_batch_norm backward");
   BackwardInputs in;
-  in.interleaved = is_interleaved(x_in);
-  in.x = in_layout(x_in, in.interleaved);
+  static_cast<Input&>(in) = kernel_input(x_in, task_ids, num_tasks, "ts_batch_norm backward");
   in.dy = in_layout(grad_y.to(in.x.scalar_type()), in.interleaved);
-  in.N = in.x.size(0);
-  in.C = in.x.size(1);
-  in.S = in.N && in.C ? in.x.numel() / (in.N * in.C) : 0;
   const int64_t T = num_tasks;
-  in.acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  in.tasks = task_map(task_ids, in.N, T, in.x);
   check_table_shape(mean, T, in.C, "ts_batch_norm backward", "mean");
   check_table_shape(invstd, T, in.C, "ts_batch_norm backward", "invstd");
   for (const at::Tensor* t : {&grad_y, &mean, &invstd})
@@ -416,16 +424,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     const c10::optional<at::Tensor>& task_ids, int64_t num_tasks, bool training, double eps, bool sigmoid_gate,
     bool relu) {
-  check_input(x_in, num_tasks, "ts_batch_norm");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
-  const bool interleaved = is_interleaved(x_in);
-  const at::Tensor x = in_layout(x_in, interleaved);
-  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
-  const int64_t T = num_tasks;
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Input in = kernel_input(x_in, task_ids, num_tasks, "ts_batch_norm");
+  const at::Tensor& x = in.x;
+  const bool interleaved = in.interleaved;
+  const int64_t N = in.N, C = in.C, S = in.S, T = num_tasks;
+  const at::ScalarType acc = in.acc;
   const at::TensorOptions acc_options = x.options().dtype(acc);
-  const Tasks tasks = task_map(task_ids, N, T, x);
+  const Tasks& tasks = in.tasks;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gate = gate_table(weight, T, C, acc, sigmoid_gate, x);
   const at::Tensor shift = acc_table(bias, T, C, acc, x, "bias");
@@ -472,8 +479,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ts_bn_for
       }
       const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
       if (training)
-        split_batch_stats<scalar_t, acc_t, VEC, U>(x, interleaved, p, T, eps, gate, mean, var, invstd, scale, count,
-                                                   device, stream);
+        split_batch_stats<scalar_t, acc_t, VEC, U>(in, p, T, eps, gate, mean, var, invstd, scale, count, device,
+                                                   stream);
       if (interleaved) {
         const auto kernel = bn_kernels::apply_interleaved_kernel<scalar_t, acc_t, VEC, U>;
         kernel<<<pass_grid(kernel, p, device), kThreads, 0, stream>>>(
@@ -560,15 +567,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_batch_stats_cuda(const at::Tensor& x_in,
                                                                        const c10::optional<at::Tensor>& task_ids,
                                                                        int64_t num_tasks) {
-  check_input(x_in, num_tasks, "ts_batch_norm");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
-  const bool interleaved = is_interleaved(x_in);
-  const at::Tensor x = in_layout(x_in, interleaved);
-  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
-  const int64_t T = num_tasks;
-  const at::TensorOptions acc_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const Tasks tasks = task_map(task_ids, N, T, x);
+  const Input in = kernel_input(x_in, task_ids, num_tasks, "ts_batch_norm");
+  const at::Tensor& x = in.x;
+  const int64_t T = num_tasks, C = in.C;
+  const at::TensorOptions acc_options = x.options().dtype(in.acc);
   if (x.numel() == 0) {
     const at::Tensor zeros = at::zeros({T, C}, acc_options);
     return {zeros, zeros.clone(), at::zeros({T}, acc_options)};
@@ -579,13 +583,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_batch_stats_cuda(const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_batch_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_vec<scalar_t>(pick_vec<scalar_t>(interleaved, C, S, {x.const_data_ptr<scalar_t>()}), [&](auto vec_tag) {
+    // The forward's pack width (y is a fresh, aligned allocation there) and tile depth, so that the partitions,
+    // and with them the statistics' bits, are the forward's.
+    with_vec<scalar_t>(pick_vec<scalar_t>(in.interleaved, C, in.S, {x.const_data_ptr<scalar_t>()}), [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      // The forward's tile depth, so that the partitions, and with them the statistics' bits, are the forward's.
       constexpr int U = bn_kernels::tile_depth<scalar_t, VEC, 1>();
-      const Plan p = plan_for(N, C, S, interleaved, VEC, U, tasks, device);
-      split_batch_stats<scalar_t, acc_t, VEC, U>(x, interleaved, p, T, /*eps (invstd is not returned)=*/1.0,
-                                                 at::Tensor(), mean, var, invstd, scale, count, device, stream);
+      const Plan p = plan_for(in.N, C, in.S, in.interleaved, VEC, U, in.tasks, device);
+      split_batch_stats<scalar_t, acc_t, VEC, U>(in, p, T, /*eps (invstd is not returned)=*/1.0, at::Tensor(), mean,
+                                                 var, invstd, scale, count, device, stream);
     });
   });
   return {mean, var, count};
@@ -682,26 +687,22 @@ at::Tensor ts_bn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor&
 std::string ts_bn_cuda_path(const at::Tensor& x_in, const c10::optional<at::Tensor>& task_ids, int64_t num_tasks,
                             bool backward) {
   TORCH_CHECK_VALUE(x_in.is_cuda(), "ts_bn_cuda_path: x must be a CUDA tensor, got ", x_in.device());
-  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.dim() <= 5, "ts_bn_cuda_path: expected a 2D to 5D input, got ",
-                    x_in.dim(), "D");
-  TORCH_CHECK_VALUE(num_tasks >= 1, "ts_bn_cuda_path: num_tasks must be >= 1");
-  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "ts_bn_cuda_path: input must be floating point");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const c10::DeviceIndex device = x_in.device().index();
-  const bool interleaved = is_interleaved(x_in);
-  if (interleaved) return "interleaved";
-  const at::Tensor x = x_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), S = N && C ? x.numel() / (N * C) : 0;
-  const Tasks tasks = task_map(task_ids, N, num_tasks, x);
+  const Input in = kernel_input(x_in, task_ids, num_tasks, "ts_bn_cuda_path");
+  if (in.interleaved) return "interleaved";
+  const at::Tensor& x = in.x;
+  const int64_t N = in.N, C = in.C, S = in.S;
+  const Tasks& tasks = in.tasks;
   std::string path = "split";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ts_bn_cuda_path", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_vec<scalar_t>(pick_vec<scalar_t>(false, C, S, {x.const_data_ptr<scalar_t>()}), [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       constexpr int U1 = bn_kernels::slab_depth<scalar_t, VEC, 1>(), U2 = bn_kernels::slab_depth<scalar_t, VEC, 2>();
-      const void* kernel = backward
-                               ? reinterpret_cast<const void*>(bn_kernels::slab_backward_kernel<scalar_t, acc_t, VEC, U2>)
-                               : reinterpret_cast<const void*>(bn_kernels::slab_forward_kernel<scalar_t, acc_t, VEC, U1>);
+      const void* kernel =
+          backward ? reinterpret_cast<const void*>(bn_kernels::slab_backward_kernel<scalar_t, acc_t, VEC, U2>)
+                   : reinterpret_cast<const void*>(bn_kernels::slab_forward_kernel<scalar_t, acc_t, VEC, U1>);
       const SlabConfig slab = slab_config(kernel, N, C, S, num_tasks, false, tasks, VEC, backward ? U2 : U1,
                                           sizeof(scalar_t), backward ? 2 : 1, device);
       if (slab.use) path = "slab:" + std::to_string(slab.plan.threads) + "x" + std::to_string(slab.blocks_per_sm);
