@@ -11,7 +11,7 @@
 #     bench  build and benchmarks only
 #     tune   build and the Triton tile sweep (benchmarks/tune_triton.py) into tuned.json
 # Results in $OUT (default ./gpu_out), at most 8 files (what the device tool returns): log, tests.log, bench.log,
-# results.json, results.md, results.png, tuned.json. A tuned.json worth keeping goes to
+# check.log, results.json, results.md, results.png, tuned.json. A tuned.json worth keeping goes to
 # tsbn_kernels/tuned/<device>.json (tsbn_kernels/tuned/README.md); the figures go to benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +99,9 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   bench layer_norm 30 benchmarks/test_bench_layer_norm.py
   bench mtl 60 benchmarks/test_bench_mtl.py
   bench training 90 benchmarks/test_bench_training.py
+  # Issue 6's main job at real scale (the image sizes of the four benchmarks, fp32): eager against fused per step.
+  phase "tsbn-check all (real scale)" 90 python3 -m tsbn_kernels.pipeline.check all --steps 3 > "$OUT/check.log" 2>&1
+  tail -30 "$OUT/check.log" | tee -a "$OUT/log"
   bench compiled 70 benchmarks/test_bench_batch_norm.py -k "nyuv2-layer1 and forward_backward and compiled_reference"
   bench sync 30 benchmarks/test_bench_sync_batch_norm.py -k "nyuv2-layer1 or cityscapes-layer1"
   bench norm_rest 120 benchmarks/test_bench_batch_norm.py -k "not (nyuv2-layer1 or nyuv2-layer3) and not compiled_reference"
