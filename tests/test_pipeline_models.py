@@ -147,6 +147,26 @@ def test_check_compares_each_step_from_the_eager_state(capsys):
     assert "independent runs" in out and "cityscapes: OK" in out
 
 
+def test_check_reports_the_peak_memory_on_the_cpu_without_changing_the_training(monkeypatch, capsys):
+    """On the CPU the peak comes from an untimed run of each step, after which the model returns to its state: the
+    losses, the differences and the peaks are those of a check that tracks memory in its only run of each step."""
+    argv = ["cityscapes", "--steps", "3", "--size", "16", "32", "--width", "4"]
+
+    def table():
+        return [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] and
+                line.split()[0].isdigit()]
+    assert check.main(argv) == 0
+    separate = table()
+    monkeypatch.setattr(check, "_peak_from_a_separate_run", lambda device: False)
+    assert check.main(argv) == 0
+    single = table()
+    assert len(separate) == 3
+    for a, b in zip(separate, single):
+        # step, both losses, |Δloss|, max|Δparam|, then (ms, ms) and the peaks in MB
+        assert a[:5] == b[:5] and a[7:] == b[7:], (a, b)
+        assert float(a[7]) > 0 and float(a[8]) > 0
+
+
 def test_check_passes_and_detects_a_broken_kernel(monkeypatch, capsys):
     assert check.main(["cityscapes", "--steps", "2", "--size", "16", "32", "--width", "4"]) == 0
     assert "cityscapes: OK" in capsys.readouterr().out

@@ -6,10 +6,13 @@ fused path, step by step, and fail when they disagree.
 
 eager: reference norms, T autograd passes for the per-task gradients, the aggregation's torch path.
 fused: the chosen norm backend, per-task gradients from one backward (mtl.OneBackward), the fused Gramian path.
-Per step: both losses and their difference, the largest parameter difference, both step times and (on a GPU)
-both peak memories. Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance, 2 for
-arguments it cannot check with (argparse's usage errors: a --backend not available here, --steps or --batch below 1,
-a PASCAL-Context --size off the ViT's 16-pixel patch grid), 0 when every step agrees.
+Per step: both losses and their difference, the largest parameter difference, both step times and both peak
+memories (MB above what was allocated before the step: the CUDA allocator's statistics on a GPU; on the CPU the
+tensors the step allocates, tracked at the dispatcher in an untimed run of the same step, see pipeline/memory.py;
+the one-time checks of the first fused step then fall in that run, not in its time). Exit status 1 when the loss or
+the parameters differ beyond the dtype's tolerance, 2 for arguments it cannot check with (argparse's usage errors:
+a --backend not available here, --steps or --batch below 1, a PASCAL-Context --size off the ViT's 16-pixel patch
+grid), 0 when every step agrees.
 
 Each step starts the fused model from the eager run's state (parameters and running statistics), so a difference
 is that step's own. Two runs left to themselves part however exact the kernels are: training a small-batch BN
@@ -21,6 +24,7 @@ PASCAL-Context runs the ViT-S/16 with task-specific layer norms (its ResNet opti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 import time
@@ -32,6 +36,7 @@ from ..dispatch import available_backends
 from . import pascal_data
 from .dense_data import DenseDataset, synthesize
 from .losses import celeba_losses, dense_losses
+from .memory import PeakMemory
 from .models import DENSE_TASKS, build_model
 
 BENCHMARKS = ("nyuv2", "cityscapes", "celeba", "pascal")
@@ -40,9 +45,10 @@ TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-7}
 
 
 
-def _megabytes(value: float | None) -> str:
-    # PyTorch keeps allocator statistics (the peak) for CUDA only; a CPU run prints n/a.
-    return "n/a" if value is None else f"{value:.1f}"
+def _peak_from_a_separate_run(device: str) -> bool:
+    # CUDA's allocator statistics cost nothing; the CPU's tracking at the dispatcher costs Python time per op.
+    return device != "cuda"
+
 
 def celeba_batches(steps: int, n: int, size: tuple[int, int], generator: torch.Generator):
     """Face-free stand-in for CelebA at check scale: attribute k is 1 when a fixed random pattern k correlates
@@ -115,33 +121,51 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
                 fused.load_state_dict(eager.state_dict())
             record = {}
             for name, model in models.items():
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                optimizers[name].zero_grad(set_to_none=True)
-                generator = torch.Generator(device=device).manual_seed(step)
-                kwargs = {"generator": generator} if method == "pcgrad" else {}
-                if name == "fused":
-                    with mtl.OneBackward(model, model.num_tasks, modules=model.split_layers(),
-                                         before_replication=model.before_replication_parameters()) as capture:
+                def step_once():
+                    generator = torch.Generator(device=device).manual_seed(step)
+                    kwargs = {"generator": generator} if method == "pcgrad" else {}
+                    if name == "fused":
+                        with mtl.OneBackward(model, model.num_tasks, modules=model.split_layers(),
+                                             before_replication=model.before_replication_parameters()) as capture:
+                            losses = losses_fn(model(batch["image"]), batch)
+                        mtl.backward_aggregated(losses, method=method, capture=capture,
+                                                task_params=task_params[name], **kwargs)
+                    else:
                         losses = losses_fn(model(batch["image"]), batch)
-                    mtl.backward_aggregated(losses, method=method, capture=capture, task_params=task_params[name],
-                                            **kwargs)
+                        mtl.backward_aggregated(losses, shared[name], method, task_params=task_params[name],
+                                                backend="eager", **kwargs)
+                    optimizers[name].step()
+                    return losses
+
+                peak = PeakMemory(device)
+                # The last step's gradients are freed before the measured step, which then frees nothing older
+                # than itself: the CPU's tracking and the CUDA allocator's peak then mean the same.
+                optimizers[name].zero_grad(set_to_none=True)
+                if _peak_from_a_separate_run(device):
+                    # The CPU's tracking costs time per op: the peak comes from an untimed run of the same step,
+                    # after which the model goes back to its state before it (plain SGD keeps none of its own).
+                    before = copy.deepcopy(model.state_dict())
+                    with peak:
+                        step_once()
+                    model.load_state_dict(before)
+                    optimizers[name].zero_grad(set_to_none=True)
+                    timed = contextlib.nullcontext()
                 else:
-                    losses = losses_fn(model(batch["image"]), batch)
-                    mtl.backward_aggregated(losses, shared[name], method, task_params=task_params[name],
-                                            backend="eager", **kwargs)
-                optimizers[name].step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                record[name] = (losses.sum().item(), (time.perf_counter() - start) * 1e3,
-                                torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+                    timed = peak
+                with timed:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    losses = step_once()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - start
+                record[name] = (losses.sum().item(), elapsed * 1e3, peak.peak_bytes / 2**20)
             param_diff = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), fused.parameters()))
             loss_diff = abs(record["eager"][0] - record["fused"][0])
             print(f"{step:>4} {record['eager'][0]:>11.5f} {record['fused'][0]:>11.5f} {loss_diff:>9.2e} "
                   f"{param_diff:>11.2e} {record['eager'][1]:>9.1f} {record['fused'][1]:>9.1f} "
-                  f"{_megabytes(record['eager'][2]):>9} {_megabytes(record['fused'][2]):>9}", file=out)
+                  f"{record['eager'][2]:>9.1f} {record['fused'][2]:>9.1f}", file=out)
             checked = not independent or step == 1
             if checked and (loss_diff > tol * max(1.0, abs(record["eager"][0])) or param_diff > tol):
                 ok = False

@@ -1,0 +1,64 @@
+"""pipeline.memory.PeakMemory on the CPU: the peak of the bytes of fresh tensors alive at once inside the block,
+exactly, whatever existed before it; views and in-place results add nothing; autograd's backward is tracked."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tsbn_kernels.pipeline.memory import PeakMemory
+
+F64 = 8
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8), data=st.data())
+def test_peak_is_the_largest_sum_of_live_fresh_tensors(sizes, data):
+    """Random allocations and frees: the peak equals the running maximum of the live bytes computed by hand."""
+    before = torch.randn(4096, dtype=torch.float64)          # alive at entry: never counted
+    keep, live, want = [], 0, 0
+    with PeakMemory("cpu") as m:
+        for n in sizes:
+            keep.append(torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)))
+            live += n * F64
+            want = max(want, live)
+            keep[-1].mul_(2)                                  # in place: same storage
+            assert keep[-1].view(-1)[: max(1, n // 2)].numel()   # a view: same storage
+            before.add_(1)
+            if keep and data.draw(st.booleans(), label="free one"):
+                gone = keep.pop(data.draw(st.integers(0, len(keep) - 1), label="which"))
+                live -= gone.numel() * F64
+                del gone
+    assert m.peak_bytes == want
+
+
+def test_a_temporary_counts_while_it_lives_and_what_existed_before_does_not():
+    x = torch.randn(500, 500, dtype=torch.float64)            # 2 MB before the block
+    with PeakMemory("cpu") as m:
+        y = x @ x                                             # +2 MB
+        z = y * 2                                             # +2 MB: 4 MB live
+        del z
+        y.add_(1)
+        w = torch.empty(250, 500, dtype=torch.float64)        # +1 MB: 3 MB live, below the peak
+    assert m.peak_bytes == 4 * 500 * 500 * F64 // 2 and w.numel()
+
+
+def test_backward_allocations_are_tracked():
+    layer = torch.nn.Linear(256, 256, dtype=torch.float64)
+    x = torch.randn(512, 256, dtype=torch.float64, requires_grad=True)
+    activations = 512 * 256 * F64
+    with PeakMemory("cpu") as m:
+        layer(x).relu().sum().backward()
+    # the forward keeps its output for relu's backward; the backward adds x.grad and the weight's gradient
+    assert m.peak_bytes >= 2 * activations + 256 * 256 * F64
+    assert x.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA allocator statistics need a GPU")
+def test_cuda_peak_is_above_what_was_allocated_at_entry():
+    before = torch.empty(2**20, device="cuda")
+    with PeakMemory("cuda") as m:
+        y = torch.empty(2**18, dtype=torch.float64, device="cuda")
+        del y
+    assert m.peak_bytes == 2**18 * F64 and before.numel()
