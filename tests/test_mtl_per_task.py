@@ -821,3 +821,45 @@ def test_a_loss_constant_up_to_rounding_is_no_split_error_and_the_next_step_is_c
         losses = _block_losses(net(x))
     with pytest.raises(ValueError, match="per-task gradients of conv do not split by task"):
         capture.gradients(losses)
+
+
+class DeepNet(nn.Module):
+    """Eight 3×3 convolutions with task-specific norms at full resolution: activations (and their gradients) far
+    outweigh the weights, as in the dense-prediction models."""
+
+    def __init__(self, layers=8, width=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(layers))
+        self.norms = nn.ModuleList(tk.TSBatchNorm2d(width, T, activation="relu") for _ in range(layers))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for conv, norm in zip(self.convs, self.norms):
+            h = norm(conv(h))
+        return h.mean(dim=(1, 2, 3)).view(T, -1).mean(dim=1)
+
+
+def test_one_backward_frees_each_layer_output_gradient_as_an_ordinary_backward_does():
+    """The per-task split of a layer's output gradient happens as the backward reaches the layer, so its memory
+    peak stays that of one ordinary backward plus G (it held every layer's output gradient to the end before)."""
+    from tsbn_kernels.pipeline.memory import PeakMemory
+
+    torch.manual_seed(0)
+    net = DeepNet().double()
+    x = torch.randn(T * 2, 3, 32, 32, dtype=torch.float64)
+    shared = [p for name, p in net.named_parameters() if not name.startswith("norms")]
+    outputs = 2 * T * 8 * 32 * 32 * 8                       # bytes of one layer's output (and of its gradient)
+    G_bytes = T * sum(p.numel() for p in shared) * 8
+    for step in range(2):          # the first call also runs the split check (one more backward, graph retained)
+        with mtl.OneBackward(net, T, modules=[net.stem, *net.convs]) as capture:
+            losses = net(x)
+        with PeakMemory("cpu") as one:
+            G, _ = capture.gradients(losses)
+    ordinary_losses = net(x)
+    with PeakMemory("cpu") as ordinary:
+        torch.autograd.grad(ordinary_losses.sum(), shared)
+    torch.testing.assert_close(G.sum(0), torch.cat([g.reshape(-1) for g in
+                                                    torch.autograd.grad(net(x).sum(), shared)]))
+    # Held to the end, the nine output gradients alone would be 9 · outputs above the ordinary backward.
+    assert one.peak_bytes <= ordinary.peak_bytes + G_bytes + 2 * outputs, (one.peak_bytes, ordinary.peak_bytes)

@@ -449,23 +449,82 @@ class OneBackward:
                       if every_parameter and check and p.requires_grad and id(p) not in known]
         if every_parameter and check:
             _refuse_outside_parameters(losses, known | {id(p) for p in self.model.parameters()})
-        inputs = edges + other_params + unrecorded + [p for _, p in unassigned] + replicated
+        layout = {}
+        offset = 0
+        for p in self.params:
+            layout[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.params))
+        G = torch.zeros(self.num_tasks, offset, dtype=dtype, device=self.params[0].device)
+        orders: dict[int, tuple[Tensor, list[int]]] = {}
+        # Which params the losses reach (as backward() would give them a .grad at all): of a layer whose output
+        # feeds no loss, the zero columns of G are no gradient.
+        self.reached = set()
+
+        def split(record, dy: Tensor) -> None:
+            piece, x, _, n = record
+            self.reached.update(id(q) for q in piece.params)
+            if piece.batch_dim:
+                x, dy = x.transpose(0, piece.batch_dim), dy.transpose(0, piece.batch_dim)
+            if ids is None:
+                weight_grads, bias_grads = _per_block_grads(piece, x, dy, self.num_tasks)
+            else:
+                repeats = n // batch
+                if repeats not in orders:
+                    row_ids = ids if repeats == 1 else ids.repeat_interleave(repeats)
+                    orders[repeats] = (torch.argsort(row_ids, stable=True),
+                                       [k * repeats for k in self._task_sizes(ids)])
+                weight_grads, bias_grads = _per_task_grads_by_rows(piece, x, dy, *orders[repeats])
+            for param, part, first in ((piece.weight, weight_grads, piece.offset),
+                                       (piece.bias, bias_grads, piece.bias_offset)):
+                if param is not None:   # rows [first, first + rows) of param: a contiguous range of its elements
+                    part = part.reshape(self.num_tasks, -1)
+                    start = layout[id(param)][0] + first * (param.numel() // param.shape[0])
+                    G[:, start:start + part.shape[1]] += part.to(G.dtype)
+
+        # A layer's output gradient is split as the backward reaches it (a hook on the node that made the output),
+        # so that it is freed as in an ordinary backward instead of being held with every other layer's until the
+        # backward ends. That works for the layers whose node lies above another recorded one (the backward must
+        # run it to go on); the others (the lowest, a projection of parameters alone) are asked of autograd.grad.
+        hooked = _above_another(edges)
+        asked = [i for i in range(len(edges)) if i not in hooked]
+        by_node: dict[torch.autograd.graph.Node, list[int]] = {}
+        for i in hooked:
+            by_node.setdefault(edges[i].node, []).append(i)
+
+        def prehook(grad_outputs, indices):
+            for i in indices:
+                dy = grad_outputs[edges[i].output_nr]
+                if dy is not None:
+                    split(records[i], dy)
+
+        inputs = [edges[i] for i in asked] + other_params + unrecorded + [p for _, p in unassigned] + replicated
+        handles = [node.register_prehook(functools.partial(prehook, indices=indices))
+                   for node, indices in by_node.items()]
         try:
-            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=bool(pre_params) or check)
-        except RuntimeError as exc:
-            # A torch.compile'd backward that donates its buffers refuses to keep the graph (the check's second
-            # backward needs it); it raises before running, so the graph is intact for one plain pass.
-            if not check or pre_params or "donated buffer" not in str(exc):
-                raise
-            warnings.warn("OneBackward cannot check its per-task split against a second backward of this model: "
-                          "its compiled backward donates buffers (torch._functorch.config.donated_buffer = False "
-                          "allows the check)", stacklevel=2)
-            _split_checked.add(self.model)
-            check = False
-            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        out_grads = grads[:len(edges)]
-        other_grads = list(grads[len(edges):len(edges) + len(other_params)])
-        unrecorded_grads = grads[len(edges) + len(other_params):len(edges) + len(other_params) + len(unrecorded)]
+            try:
+                grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True,
+                                            retain_graph=bool(pre_params) or check)
+            except RuntimeError as exc:
+                # A torch.compile'd backward that donates its buffers refuses to keep the graph (the check's second
+                # backward needs it); it raises before it runs, so the graph is intact for one plain pass.
+                if not check or pre_params or "donated buffer" not in str(exc):
+                    raise
+                warnings.warn("OneBackward cannot check its per-task split against a second backward of this "
+                              "model: its compiled backward donates buffers (torch._functorch.config.donated_buffer "
+                              "= False allows the check)", stacklevel=2)
+                _split_checked.add(self.model)
+                check = False
+                # The nodes above the compiled one ran, and their hooks split into G, before it refused.
+                G.zero_()
+                self.reached = set()
+                grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        finally:
+            for handle in handles:       # the split check's backwards, and any later one, run without them
+                handle.remove()
+        out_grads = grads[:len(asked)]
+        other_grads = list(grads[len(asked):len(asked) + len(other_params)])
+        unrecorded_grads = grads[len(asked) + len(other_params):len(asked) + len(other_params) + len(unrecorded)]
         unassigned_reached = [name for (name, _), g in
                               zip(unassigned, grads[len(grads) - len(replicated) - len(unassigned):]) if g is not None]
         if unassigned_reached:
@@ -488,38 +547,9 @@ class OneBackward:
                                  "called (its weight is used directly, as F.linear(x, layer.weight)); its per-task "
                                  "split is unknown. Call the layer itself, leave it out of `modules=`, or use "
                                  "mtl.autograd_gradients")
-        layout = {}
-        offset = 0
-        for p in self.params:
-            layout[id(p)] = (offset, p.numel())
-            offset += p.numel()
-        dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.params))
-        G = torch.zeros(self.num_tasks, offset, dtype=dtype, device=self.params[0].device)
-        orders: dict[int, tuple[Tensor, list[int]]] = {}
-        # Which params the losses reach (as backward() would give them a .grad at all): of a layer whose output
-        # feeds no loss, the zero columns of G are no gradient.
-        self.reached = set()
-        for (piece, x, _, n), dy in zip(records, out_grads):
-            if dy is None:
-                continue
-            self.reached.update(id(q) for q in piece.params)
-            if piece.batch_dim:
-                x, dy = x.transpose(0, piece.batch_dim), dy.transpose(0, piece.batch_dim)
-            if ids is None:
-                weight_grads, bias_grads = _per_block_grads(piece, x, dy, self.num_tasks)
-            else:
-                repeats = n // batch
-                if repeats not in orders:
-                    row_ids = ids if repeats == 1 else ids.repeat_interleave(repeats)
-                    orders[repeats] = (torch.argsort(row_ids, stable=True),
-                                       [k * repeats for k in self._task_sizes(ids)])
-                weight_grads, bias_grads = _per_task_grads_by_rows(piece, x, dy, *orders[repeats])
-            for param, split, first in ((piece.weight, weight_grads, piece.offset),
-                                        (piece.bias, bias_grads, piece.bias_offset)):
-                if param is not None:   # rows [first, first + rows) of param: a contiguous range of its elements
-                    split = split.reshape(self.num_tasks, -1)
-                    start = layout[id(param)][0] + first * (param.numel() // param.shape[0])
-                    G[:, start:start + split.shape[1]] += split.to(G.dtype)
+        for i, dy in zip(asked, out_grads):
+            if dy is not None:
+                split(records[i], dy)
         if pre_params and grads[-1] is not None:
             self._per_task_grads_before_replication(G, layout, grads[-1], pre_params, retain_graph=check)
         if check:
@@ -599,6 +629,26 @@ class OneBackward:
             compared += 1
         if compared:            # else every gradient was rounding: nothing was checked, so the next step is
             _split_checked.add(self.model)
+
+
+def _above_another(edges: Sequence[torch.autograd.graph.GradientEdge]) -> set[int]:
+    """Indices of the edges whose node reaches another edge's node through the backward graph: a backward asked for
+    that one must run theirs. One walk over the nodes below the edges, each node once."""
+    targets = {edge.node for edge in edges}
+    reaches: dict[torch.autograd.graph.Node, bool] = {}   # node -> whether a target lies strictly below it
+    for root in targets:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in reaches:
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            if expanded:
+                reaches[node] = any(child in targets or reaches[child] for child in children)
+                continue
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in reaches)
+    return {i for i, edge in enumerate(edges) if reaches[edge.node]}
 
 
 def _refuse_outside_parameters(losses: Tensor, known: set[int]) -> None:
