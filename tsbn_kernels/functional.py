@@ -39,9 +39,8 @@ def ts_batch_norm(
     is given (affine=False and no running statistics). ``sync=True`` in training, with torch.distributed
     initialised and more than one process in ``process_group``, normalises each task with the statistics of its
     samples on every process (tsbn_kernels.sync_batch_norm: the backend's fused kernels between the collectives);
-    a task may then have a single value on this
-    process, and one with a single value over all processes normalises to its bias, unchecked (a check would cost
-    a host sync per layer).
+    a task may then have a single value on this process, and one with a single value over all processes normalises
+    to its bias, unchecked (a check would cost a host sync per layer).
     """
     across_processes = sync and training and _distributed(process_group)
     layout = validation.check_batch_norm(x, weight, bias, running_mean, running_var, task_ids, num_tasks,

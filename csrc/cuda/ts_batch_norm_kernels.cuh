@@ -927,18 +927,22 @@ __global__ void __launch_bounds__(kMergeThreads)
   if (g == 0 && lane == 0) count[t] = static_cast<acc_t>(tn);
 }
 
-// The input-gradient coefficients of one (task, channel): dx = coef_dy·dy' + coef_d·(x − mean) + coef_0 with
-// coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval), ar = a·r, r = invstd, m the
-// element count of the task (a task without elements has s1 = s2 = 0). The one formula of merge_sums_kernel,
-// slab_backward_kernel and dx_coefficients_kernel, so that every path rounds them alike.
+// The input-gradient coefficients of (task, channel) k: dx = coef_dy·dy' + coef_d·(x − mean) + coef_0 with
+// coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval), a = gate[k] (1 without one),
+// r = invstd[k], m the element count of the task (a task without elements has s1 = s2 = 0). The one formula of
+// merge_sums_kernel, slab_backward_kernel and dx_coefficients_kernel, so that every path rounds them alike.
 template <typename acc_t>
 struct DxCoefficients {
   acc_t dy, d, zero;
 };
 
 template <typename acc_t>
-__host__ __device__ __forceinline__ DxCoefficients<acc_t> dx_coefficients(double ar, double r, double s1, double s2,
+__host__ __device__ __forceinline__ DxCoefficients<acc_t> dx_coefficients(const acc_t* __restrict__ gate,
+                                                                          const acc_t* __restrict__ invstd,
+                                                                          int64_t k, double s1, double s2,
                                                                           double m, bool training) {
+  const double r = static_cast<double>(invstd[k]);
+  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
   const double mm = m > 1.0 ? m : 1.0;
   return {static_cast<acc_t>(ar), training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0),
           training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0)};
@@ -999,11 +1003,9 @@ __global__ void __launch_bounds__(kMergeThreads)
     s2 += sh_s2[w][lane];
   }
   const int64_t k = static_cast<int64_t>(t) * p.C + c;
-  const double r = static_cast<double>(invstd[k]);
-  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
   s1_out[k] = s1;
   s2_out[k] = s2;
-  const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, s1, s2, m, training);
+  const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(gate, invstd, k, s1, s2, m, training);
   coef_dy[k] = coef.dy;
   coef_d[k] = coef.d;
   coef_0[k] = coef.zero;
@@ -1022,9 +1024,8 @@ __global__ void __launch_bounds__(kCoefficientThreads)
                            acc_t* __restrict__ coef_d, acc_t* __restrict__ coef_0) {
   const int k = static_cast<int>(blockIdx.x) * kCoefficientThreads + static_cast<int>(threadIdx.x);
   if (k >= units) return;
-  const double r = static_cast<double>(invstd[k]);
-  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
-  const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, s1[k], s2[k], count[k / C], /*training=*/true);
+  const DxCoefficients<acc_t> coef =
+      dx_coefficients<acc_t>(gate, invstd, k, s1[k], s2[k], count[k / C], /*training=*/true);
   coef_dy[k] = coef.dy;
   coef_d[k] = coef.d;
   coef_0[k] = coef.zero;
@@ -1344,9 +1345,7 @@ __global__ void __launch_bounds__(kSlabMaxThreads)
     }
     double t1, t2;
     block_sum2(s1, s2, red[(u / static_cast<int>(gridDim.x)) & 1], warps, t1, t2);
-    const double r = static_cast<double>(invstd[u]);
-    const double ar = (gate != nullptr ? static_cast<double>(gate[u]) : 1.0) * r;
-    const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(ar, r, t1, t2, m, training);
+    const DxCoefficients<acc_t> coef = dx_coefficients<acc_t>(gate, invstd, u, t1, t2, m, training);
     const acc_t a = coef.dy, b = coef.d, z = coef.zero;
     if (tid == 0) {
       s1_out[u] = t1;

@@ -3,12 +3,12 @@
 On CUDA this is the caching allocator's statistics: ``torch.cuda.max_memory_allocated`` less the bytes allocated at
 entry (what the block frees of the older memory lowers it). PyTorch keeps no such statistics for the CPU, so there
 the bytes are tracked at the dispatcher, counting the block's own tensors only (the two agree when the block frees
-nothing older than itself: clear gradients with set_to_none before it, not inside): every op
-that returns a fresh tensor (a return without alias annotation in its schema: not a view, not an in-place or out=
-result) adds its storage, counted once and dropped when the storage is freed; the peak is the largest sum of live
-storages seen when one is added. Scratch memory an op allocates and frees inside itself (a fused kernel's
-partial sums, a custom op's temporaries) is not seen; on the CPU kernels of this package it is a few [blocks, C]
-tables, small next to the activations. The tracking costs Python time per op, so time a block in a separate run.
+nothing older than itself: clear gradients with set_to_none before it, not inside): every op that returns a fresh
+tensor (a return without alias annotation in its schema: not a view, not an in-place or out= result) adds its
+storage, counted once and dropped when the storage is freed; the peak is the largest sum of live storages seen when
+one is added. Scratch memory an op allocates and frees inside itself (a fused kernel's partial sums, a custom op's
+temporaries) is not seen; on the CPU kernels of this package it is a few [blocks, C] tables, small next to the
+activations. The tracking costs Python time per op, so time a block in a separate run.
 """
 from __future__ import annotations
 
@@ -38,11 +38,10 @@ class _FreshStorages(TorchDispatchMode):
 
     def _add(self, storage) -> None:
         ref = StorageWeakRef(storage)
-        known = self._live.get(ref.cdata)
-        if known is not None:
-            if not known[0].expired():
-                return
-            self._total -= known[1]          # a freed storage whose address was reused
+        # A weak ref keeps its StorageImpl object (not the data) allocated, so while an entry is held its address
+        # names that storage alone: a known address is this storage, counted already.
+        if ref.cdata in self._live:
+            return
         nbytes = storage.nbytes()
         self._live[ref.cdata] = (ref, nbytes)
         self._total += nbytes
