@@ -1,5 +1,7 @@
-"""pipeline.memory.PeakMemory on the CPU: the peak of the bytes of fresh tensors alive at once inside the block,
-exactly, whatever existed before it; views and in-place results add nothing; autograd's backward is tracked."""
+"""pipeline.memory.PeakMemory on the CPU: the peak of the bytes the block had allocated at once, exactly, whatever
+existed before it; views and in-place results add nothing; autograd's backward and the scratch memory an op
+allocates inside itself are seen. (The blocks use tensor operands only: a Python scalar operand is wrapped in a
+16-byte tensor, which the profiler rightly counts.)"""
 from __future__ import annotations
 
 import pytest
@@ -23,9 +25,9 @@ def test_peak_is_the_largest_sum_of_live_fresh_tensors(sizes, data):
             keep.append(torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)))
             live += n * F64
             want = max(want, live)
-            keep[-1].mul_(2)                                  # in place: same storage
+            keep[-1].mul_(keep[-1])                           # in place: same storage
             assert keep[-1].view(-1)[: max(1, n // 2)].numel()   # a view: same storage
-            before.add_(1)
+            before.add_(before)
             if keep and data.draw(st.booleans(), label="free one"):
                 gone = keep.pop(data.draw(st.integers(0, len(keep) - 1), label="which"))
                 live -= gone.numel() * F64
@@ -37,9 +39,9 @@ def test_a_temporary_counts_while_it_lives_and_what_existed_before_does_not():
     x = torch.randn(500, 500, dtype=torch.float64)            # 2 MB before the block
     with PeakMemory("cpu") as m:
         y = x @ x                                             # +2 MB
-        z = y * 2                                             # +2 MB: 4 MB live
+        z = y * x                                             # +2 MB: 4 MB live
         del z
-        y.add_(1)
+        y.add_(x)
         w = torch.empty(250, 500, dtype=torch.float64)        # +1 MB: 3 MB live, below the peak
     assert m.peak_bytes == 4 * 500 * 500 * F64 // 2 and w.numel()
 
@@ -53,6 +55,29 @@ def test_backward_allocations_are_tracked():
     # the forward keeps its output for relu's backward; the backward adds x.grad and the weight's gradient
     assert m.peak_bytes >= 2 * activations + 256 * 256 * F64
     assert x.grad is not None
+
+
+@torch.library.custom_op("tsbn_test::sum_of_a_scratch_copy", mutates_args=())
+def _sum_of_a_scratch_copy(x: torch.Tensor) -> torch.Tensor:
+    scratch = x.repeat(4)                                     # 4x x's bytes, freed before the op returns
+    return scratch.sum()
+
+
+def test_scratch_memory_inside_an_op_is_seen():
+    """An op's temporaries count while they live, though the op returns only a scalar: a fused kernel's partial
+    tables or a convolution's column buffers hold memory as a tensor does."""
+    x = torch.randn(2**16, dtype=torch.float64)
+    with PeakMemory("cpu") as m:
+        s = _sum_of_a_scratch_copy(x)
+    assert m.peak_bytes >= 4 * x.numel() * F64 and s.numel() == 1
+
+
+def test_a_free_of_memory_older_than_the_block_does_not_lower_the_peak_below_zero():
+    old = [torch.randn(2**16, dtype=torch.float64)]
+    with PeakMemory("cpu") as m:
+        old.pop()
+        y = torch.empty(2**10, dtype=torch.float64)
+    assert m.peak_bytes == 2**10 * F64 and y.numel()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA allocator statistics need a GPU")

@@ -8,11 +8,11 @@ eager: reference norms, T autograd passes for the per-task gradients, the aggreg
 fused: the chosen norm backend, per-task gradients from one backward (mtl.OneBackward), the fused Gramian path.
 Per step: both losses and their difference, the largest parameter difference, both step times and both peak
 memories (MB above what was allocated before the step: the CUDA allocator's statistics on a GPU; on the CPU the
-tensors the step allocates, tracked at the dispatcher in an untimed run of the same step, see pipeline/memory.py;
-the one-time checks of the first fused step then fall in that run, not in its time). Exit status 1 when the loss or
-the parameters differ beyond the dtype's tolerance, 2 for arguments it cannot check with (argparse's usage errors:
-a --backend not available here, --steps or --batch below 1, a PASCAL-Context --size off the ViT's 16-pixel patch
-grid), 0 when every step agrees.
+allocator's events under the profiler, ops' own scratch memory included, in an untimed run of the same step, see
+pipeline/memory.py; the one-time checks of the first fused step then fall in that run, not in its time).
+Exit status 1 when the loss or the parameters differ beyond the dtype's tolerance, 2 for arguments it cannot
+check with (argparse's usage errors: a --backend not available here, --steps or --batch below 1, a
+PASCAL-Context --size off the ViT's 16-pixel patch grid), 0 when every step agrees.
 
 Each step starts the fused model from the eager run's state (parameters and running statistics), so a difference
 is that step's own. Two runs left to themselves part however exact the kernels are: training a small-batch BN
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import tempfile
 import time
 
@@ -46,7 +47,7 @@ TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-7}
 
 
 def _peak_from_a_separate_run(device: str) -> bool:
-    # CUDA's allocator statistics cost nothing; the CPU's tracking at the dispatcher costs Python time per op.
+    # CUDA's allocator statistics cost nothing; the CPU's tracking runs the profiler, which costs time per op.
     return device != "cuda"
 
 
@@ -174,6 +175,9 @@ def run(benchmark: str, steps: int, backend: str, method: str, width: int, size,
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The CPU's peak memory runs the profiler once per step and variant; this torch build's kineto logs a line at
+    # each profiler start and stop (its USDT level, 5), which would bury the report. 6 is above its every level.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     parser = argparse.ArgumentParser(prog="tsbn-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=BENCHMARKS + ("all",))

@@ -2,55 +2,30 @@
 
 On CUDA this is the caching allocator's statistics: ``torch.cuda.max_memory_allocated`` less the bytes allocated at
 entry (what the block frees of the older memory lowers it). PyTorch keeps no such statistics for the CPU, so there
-the bytes are tracked at the dispatcher, counting the block's own tensors only (the two agree when the block frees
-nothing older than itself: clear gradients with set_to_none before it, not inside): every op that returns a fresh
-tensor (a return without alias annotation in its schema: not a view, not an in-place or out= result) adds its
-storage, counted once and dropped when the storage is freed; the peak is the largest sum of live storages seen when
-one is added. Scratch memory an op allocates and frees inside itself (a fused kernel's partial sums, a custom op's
-temporaries) is not seen; on the CPU kernels of this package it is a few [blocks, C] tables, small next to the
-activations. The tracking costs Python time per op, so time a block in a separate run.
+the block runs under the profiler with ``profile_memory=True``, which reports every allocation and free of the CPU
+allocator: those of the tensors the block makes, and also the scratch memory that ops allocate and free inside
+themselves (a convolution's column buffers, a backward's contiguous copies), which on CUDA the allocator's peak
+holds too. The peak is the largest running sum of these events in time order. The CPU allocator reports the size
+of a free only for memory allocated while the profiler ran, so a free of older memory does not lower the sum (the
+two devices then agree when the block frees nothing older than itself: clear gradients with set_to_none before
+it, not inside); PyTorch logs a warning the first time that happens in a process. Memory outside PyTorch's
+allocator (a C++ kernel's std::vector scratch: on this package's CPU kernels a few [blocks, C] tables) is not
+seen. The profiler costs time per op, so time a block in a separate run.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.multiprocessing.reductions import StorageWeakRef
+from torch.profiler import ProfilerActivity, profile
 
 
-class _FreshStorages(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}   # StorageImpl address -> (weak ref, bytes)
-        self._total = 0        # bytes of the entries in _live, some possibly freed since the last sweep
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        outputs = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
-        for ret, value in zip(returns, outputs):
-            if ret.alias_info is None:
-                for tensor in tree_flatten(value)[0]:
-                    if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                        self._add(tensor.untyped_storage())
-        return out
-
-    def _add(self, storage) -> None:
-        ref = StorageWeakRef(storage)
-        # A weak ref keeps its StorageImpl object (not the data) allocated, so while an entry is held its address
-        # names that storage alone: a known address is this storage, counted already.
-        if ref.cdata in self._live:
-            return
-        nbytes = storage.nbytes()
-        self._live[ref.cdata] = (ref, nbytes)
-        self._total += nbytes
-        # _total only overstates the live bytes (freed entries are dropped lazily), so a sweep is needed only when
-        # it passes the peak: the exact sum then decides.
-        if self._total > self.peak:
-            for key in [k for k, (r, _) in self._live.items() if r.expired()]:
-                self._total -= self._live.pop(key)[1]
-            self.peak = max(self.peak, self._total)
+def _cpu_peak_bytes(events) -> int:
+    cpu = torch.autograd.DeviceType.CPU
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 class PeakMemory:
@@ -60,7 +35,7 @@ class PeakMemory:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.peak_bytes: int | None = None
-        self._mode: _FreshStorages | None = None
+        self._profiler: profile | None = None
         self._start = 0
 
     def __enter__(self) -> "PeakMemory":
@@ -69,15 +44,15 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            self._mode = _FreshStorages()
-            self._mode.__enter__()
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._mode is not None:
-            self._mode.__exit__(*exc)
-            self.peak_bytes = self._mode.peak
-            self._mode = None
+        if self._profiler is not None:
+            self._profiler.__exit__(*exc)
+            self.peak_bytes = _cpu_peak_bytes(self._profiler.profiler.kineto_results.events())
+            self._profiler = None
         else:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
