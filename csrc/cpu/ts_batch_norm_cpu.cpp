@@ -32,6 +32,7 @@
 
 #include "../ts_batch_norm_checks.h"
 #include "../ts_batch_norm_layout.h"
+#include "../ts_batch_norm_math.h"
 #include "ts_batch_norm_cpu.h"
 
 #include <algorithm>
@@ -293,17 +294,11 @@ _Pragma("omp simd reduction(+ : a1, a2)")
   *s2 = a2;
 }
 
-// The per-(task, channel) coefficients of the dx pass: dx = A·dy' + B·(x − mean) + K.
-template <typename acc_t>
-struct DxCoef {
-  acc_t A, B, K;
-};
-
 // dx over one plane.
 template <typename scalar_t, typename acc_t>
-TSBN_NOINLINE void plane_dx(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t mu, DxCoef<acc_t> k,
+TSBN_NOINLINE void plane_dx(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t mu, DxCoefficients<acc_t> k,
                             acc_t sc, acc_t sh, bool relu) {
-  const acc_t a_ = k.A, b_ = k.B, c_ = k.K;
+  const acc_t a_ = k.dy, b_ = k.d, c_ = k.zero;
   if (relu) {
 _Pragma("omp simd")
     for (int64_t i = 0; i < S; ++i) {
@@ -339,19 +334,6 @@ TSBN_NOINLINE void finish_moments(const Moments& m, double eps, acc_t* mean, acc
   *mean = static_cast<acc_t>(m.mean);
   *var = static_cast<acc_t>(v);
   *invstd = static_cast<acc_t>(1.0 / std::sqrt(v + eps));
-}
-
-// From the double sums s1 = Σ dy', s2 = Σ dy'·(x − mean) of a task with m values: with s2x = Σ dy'·x̂ =
-// invstd·s2, dx = a·r·(dy' − s1/m − x̂·s2x/m).
-template <typename acc_t>
-TSBN_NOINLINE DxCoef<acc_t> dx_coefficients(acc_t a, acc_t invstd, double s1, double s2, double m, bool training) {
-  const double r = invstd, ar = static_cast<double>(a) * r;
-  DxCoef<acc_t> k{static_cast<acc_t>(ar), acc_t(0), acc_t(0)};
-  if (training && m > 0) {
-    k.B = static_cast<acc_t>(-ar * r * (r * s2) / m);
-    k.K = static_cast<acc_t>(-ar * s1 / m);
-  }
-  return k;
 }
 
 // ---- Interleaved block moments ----
@@ -732,10 +714,10 @@ void split_grad_sums(const Blocks& b, const scalar_t* xp, const scalar_t* gp, co
   });
 }
 
-// Split path, backward pass 2: dx = A·dy' + B·(x − mean) + K with per-(task, channel) coefficients.
+// Split path, backward pass 2: dx from the per-(task, channel) coefficients of dx_coefficients.
 template <typename scalar_t, typename acc_t>
 void split_dx(const Blocks& b, const scalar_t* xp, const scalar_t* gp, scalar_t* dxp, const BackwardTables<acc_t>& tb,
-              const std::vector<DxCoef<acc_t>>& coef, bool relu) {
+              const std::vector<DxCoefficients<acc_t>>& coef, bool relu) {
   const int64_t C = b.C, T = static_cast<int64_t>(coef.size()) / std::max<int64_t>(C, 1);
   const acc_t* mean = tb.mean();
   const acc_t* sc = tb.scale.data();
@@ -750,12 +732,12 @@ void split_dx(const Blocks& b, const scalar_t* xp, const scalar_t* gp, scalar_t*
     });
     return;
   }
-  // Channel-contiguous coefficient arrays: the loop over channels vectorises (an array of DxCoef would not).
+  // Channel-contiguous coefficient arrays: the loop over channels vectorises (an array of DxCoefficients would not).
   std::vector<acc_t> A(T * C), Bk(T * C), Kk(T * C);
   for (int64_t k = 0; k < T * C; ++k) {
-    A[k] = coef[k].A;
-    Bk[k] = coef[k].B;
-    Kk[k] = coef[k].K;
+    A[k] = coef[k].dy;
+    Bk[k] = coef[k].d;
+    Kk[k] = coef[k].zero;
   }
   at::parallel_for(0, b.num_blocks(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -817,7 +799,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
       // Slab path: sums, coefficients and dx of every (task, channel) unit in one visit.
       const int64_t S = b.S;
       at::parallel_for(0, slab_items(T, C, group), 1, [&](int64_t begin, int64_t end) {
-        std::vector<DxCoef<acc_t>> coef(group);
+        std::vector<DxCoefficients<acc_t>> coef(group);
         for (int64_t u = begin; u < end; ++u) {
           const SlabItem it = slab_item(u, T, C, group);
           const int64_t* first = ts.samples.data() + ts.first[it.t];
@@ -833,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
             }
           for (int64_t c = it.c0; c < it.c1; ++c) {
             const int64_t k = k0 + c;
-            coef[c - it.c0] = dx_coefficients<acc_t>(a[k], invstd[k], s1[k], s2[k], m[it.t], training);
+            coef[c - it.c0] = dx_coefficients<acc_t>(a.data(), invstd, k, s1[k], s2[k], m[it.t], training);
           }
           for (int64_t j = count - 1; j >= 0; --j)
             for (int64_t c = it.c1 - 1; c >= it.c0; --c) {
@@ -845,11 +827,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ts_bn_backward_cpu(
       });
     } else {
       split_grad_sums<scalar_t, acc_t>(b, xp, gp, tb, relu, s1, s2);
-      std::vector<DxCoef<acc_t>> coef(T * C);
+      std::vector<DxCoefficients<acc_t>> coef(T * C);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = 0; c < C; ++c) {
           const int64_t k = t * C + c;
-          coef[k] = dx_coefficients<acc_t>(a[k], invstd[k], s1[k], s2[k], m[t], training);
+          coef[k] = dx_coefficients<acc_t>(a.data(), invstd, k, s1[k], s2[k], m[t], training);
         }
       split_dx<scalar_t, acc_t>(b, xp, gp, dxp, tb, coef, relu);
     }
@@ -939,9 +921,9 @@ at::Tensor ts_bn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& 
     const BackwardTables<acc_t> tb = backward_tables<acc_t>(mean, invstd, weight, bias, T, C, sigmoid_gate);
     const double *p1 = s1.const_data_ptr<double>(), *p2 = s2.const_data_ptr<double>();
     const double* pm = m.const_data_ptr<double>();
-    std::vector<DxCoef<acc_t>> coef(T * C);
+    std::vector<DxCoefficients<acc_t>> coef(T * C);
     for (int64_t k = 0; k < T * C; ++k)
-      coef[k] = dx_coefficients<acc_t>(tb.a[k], tb.invstd()[k], p1[k], p2[k], pm[k / C], /*training=*/true);
+      coef[k] = dx_coefficients<acc_t>(tb.a.data(), tb.invstd(), k, p1[k], p2[k], pm[k / C], /*training=*/true);
     if (b.N * C * b.S > 0)
       split_dx<scalar_t, acc_t>(b, b.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
                                 dx.data_ptr<scalar_t>(), tb, coef, relu);

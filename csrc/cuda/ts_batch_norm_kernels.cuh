@@ -43,6 +43,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../ts_batch_norm_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -925,27 +927,6 @@ __global__ void __launch_bounds__(kMergeThreads)
     scale[k] = gate != nullptr ? gate[k] * r : r;
   }
   if (g == 0 && lane == 0) count[t] = static_cast<acc_t>(tn);
-}
-
-// The input-gradient coefficients of (task, channel) k: dx = coef_dy·dy' + coef_d·(x − mean) + coef_0 with
-// coef_dy = a·r, coef_d = −a·r·r·(r·s2)/m, coef_0 = −a·r·s1/m (both 0 in eval), a = gate[k] (1 without one),
-// r = invstd[k], m the element count of the task (a task without elements has s1 = s2 = 0). The one formula of
-// merge_sums_kernel, slab_backward_kernel and dx_coefficients_kernel, so that every path rounds them alike.
-template <typename acc_t>
-struct DxCoefficients {
-  acc_t dy, d, zero;
-};
-
-template <typename acc_t>
-__host__ __device__ __forceinline__ DxCoefficients<acc_t> dx_coefficients(const acc_t* __restrict__ gate,
-                                                                          const acc_t* __restrict__ invstd,
-                                                                          int64_t k, double s1, double s2,
-                                                                          double m, bool training) {
-  const double r = static_cast<double>(invstd[k]);
-  const double ar = (gate != nullptr ? static_cast<double>(gate[k]) : 1.0) * r;
-  const double mm = m > 1.0 ? m : 1.0;
-  return {static_cast<acc_t>(ar), training ? static_cast<acc_t>(-ar * r * (s2 * r) / mm) : acc_t(0),
-          training ? static_cast<acc_t>(-ar * s1 / mm) : acc_t(0)};
 }
 
 // Backward merge: s1, s2 (double) per (task, channel) and, from the element count m of each task, the
