@@ -129,3 +129,11 @@ def measure(copy_bandwidth):
         return gbps
 
     return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Which build of our C++ CPU kernels ran and torch's CPU capability: the CPU figures depend on both."""
+    from tsbn_kernels import _extension
+
+    machine_info["tsbn_cpu_isa"] = _extension.cpu_isa()
+    machine_info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()

@@ -126,7 +126,9 @@ def _fmt(value: float | None, decimals: int, suffix: str = "") -> str:
 def markdown(data: dict) -> str:
     machine = data.get("machine_info", {})
     commit = data.get("commit_info", {})
-    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
+    isa = (f"; C++ CPU kernels: {machine['tsbn_cpu_isa']} build (torch CPU capability "
+           f"{machine.get('torch_cpu_capability', '?')})" if "tsbn_cpu_isa" in machine else "")
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}{isa}; "
              f"commit {commit.get('id', '?')[:10]}; {data.get('datetime', '?')}", ""]
     groups = rows_by_group(data)
     for group in sorted(groups):

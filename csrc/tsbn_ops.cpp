@@ -21,7 +21,7 @@ std::string cpu_kernels_isa() { return cpu_isa(); }
 
 TORCH_LIBRARY(tsbn, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  // Which build of the C++ CPU kernels runs on this CPU: "baseline" or "avx2" (cpu/cpu_isa.h).
+  // Which build of the C++ CPU kernels runs on this CPU: "baseline", "avx2" or "avx512" (cpu/cpu_isa.h).
   m.def("cpu_isa() -> str", &cpu_kernels_isa);
   // [T + 2] int64: ids below 0, then the number of samples of each task, then ids >= num_tasks.
   // One pass, no device-side assert: callers decide how to report out-of-range ids.

@@ -135,3 +135,10 @@ def test_unwritable_output_is_one_line_naming_it(tmp_path):
         target = tmp_path / "missing_dir" / "file"
         with pytest.raises(SystemExit, match=f"cannot write {target}"):
             report.main([str(path), option, str(target)])
+
+
+def test_header_names_the_cpu_kernel_build(tmp_path):
+    data = fake_results()
+    data["machine_info"].update(tsbn_cpu_isa="avx512", torch_cpu_capability="AVX512")
+    assert "C++ CPU kernels: avx512 build (torch CPU capability AVX512)" in report.markdown(data).splitlines()[0]
+    assert "C++ CPU kernels" not in report.markdown(fake_results()).splitlines()[0]   # results from before the hook

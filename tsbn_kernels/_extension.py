@@ -45,7 +45,7 @@ def has_cuda_kernels() -> bool:
 
 @functools.cache
 def cpu_isa() -> str:
-    """Which build of the C++ CPU kernels runs here: "avx2" or "baseline" (csrc/cpu/cpu_isa.h); "none" without
+    """Which build of the C++ CPU kernels runs here: "avx512", "avx2" or "baseline" (csrc/cpu/cpu_isa.h); "none" without
     the extension."""
     if _C is None:
         return "none"

@@ -1,5 +1,5 @@
-// The CPU kernels of gramian and combine, built for the baseline ISA (gramian_cpu.cpp) and for AVX2 + FMA
-// (gramian_cpu_avx2.cpp); cpu_isa.h says how one is chosen.
+// The CPU kernels of gramian and combine, built for the baseline ISA (gramian_cpu.cpp), for AVX2 + FMA
+// (gramian_cpu_avx2.cpp) and for AVX-512 (gramian_cpu_avx512.cpp); cpu_isa.h says how one is chosen.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +16,7 @@ struct CpuGramianKernels {
 extern const CpuGramianKernels kBaselineCpuGramianKernels;
 #if TSBN_CPU_HAS_AVX2
 extern const CpuGramianKernels kAvx2CpuGramianKernels;
+extern const CpuGramianKernels kAvx512CpuGramianKernels;
 #endif
 
 }  // namespace tsbn

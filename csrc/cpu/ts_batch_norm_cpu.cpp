@@ -21,9 +21,9 @@
 //   by the same (non-inlined) plane kernels and merges as the split path, so both paths and every thread
 //   count give the same bits.
 //
-// This source is built twice (cpu_isa.h): here for the baseline ISA, which also registers the ops with the
-// build chosen for this CPU, and from ts_batch_norm_cpu_avx2.cpp for AVX2 + FMA. Both paths of one call always
-// run in the same build, so the bit-identity above holds in either.
+// This source is built three times (cpu_isa.h): here for the baseline ISA, which also registers the ops with the
+// build chosen for this CPU, from ts_batch_norm_cpu_avx2.cpp for AVX2 + FMA and from ts_batch_norm_cpu_avx512.cpp
+// for AVX-512. Both paths of one call always run in the same build, so the bit-identity above holds in each.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,7 +44,9 @@
 #include <tuple>
 #include <vector>
 
-#ifdef TSBN_CPU_AVX2
+#if defined(TSBN_CPU_AVX512)
+TSBN_CPU_AVX512_BEGIN
+#elif defined(TSBN_CPU_AVX2)
 TSBN_CPU_AVX2_BEGIN
 #endif
 
@@ -946,12 +948,16 @@ std::string ts_bn_cpu_path(const at::Tensor& x, const c10::optional<at::Tensor>&
 
 }  // namespace
 
-#ifdef TSBN_CPU_AVX2
-extern const CpuBatchNormKernels kAvx2CpuKernels = {&ts_bn_forward_cpu,         &ts_bn_backward_cpu,
-                                                    &ts_bn_cpu_path,            &ts_bn_batch_stats_cpu,
-                                                    &ts_bn_backward_reduce_cpu, &ts_bn_backward_elemt_cpu};
+#if defined(TSBN_CPU_AVX2) || defined(TSBN_CPU_AVX512)
+#ifdef TSBN_CPU_AVX512
+extern const CpuBatchNormKernels kAvx512CpuKernels = {
+#else
+extern const CpuBatchNormKernels kAvx2CpuKernels = {
+#endif
+    &ts_bn_forward_cpu,     &ts_bn_backward_cpu,        &ts_bn_cpu_path,
+    &ts_bn_batch_stats_cpu, &ts_bn_backward_reduce_cpu, &ts_bn_backward_elemt_cpu};
 }  // namespace tsbn
-TSBN_CPU_AVX2_END
+TSBN_CPU_ISA_END
 #else
 extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu,         &ts_bn_backward_cpu,
                                                         &ts_bn_cpu_path,            &ts_bn_batch_stats_cpu,
@@ -959,11 +965,11 @@ extern const CpuBatchNormKernels kBaselineCpuKernels = {&ts_bn_forward_cpu,     
 
 TORCH_LIBRARY_FRAGMENT(tsbn, m) {
   m.def("ts_bn_cpu_path(Tensor x, Tensor? task_ids, int num_tasks, bool backward) -> str",
-        TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels).path);
+        TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels, kAvx512CpuKernels).path);
 }
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
-  const CpuBatchNormKernels& kernels = TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels);
+  const CpuBatchNormKernels& kernels = TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels, kAvx512CpuKernels);
   m.impl("ts_bn_forward", kernels.forward);
   m.impl("ts_bn_backward", kernels.backward);
   m.impl("ts_bn_batch_stats", kernels.batch_stats);

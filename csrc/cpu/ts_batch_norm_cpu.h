@@ -1,5 +1,5 @@
-// The CPU kernels of ts_batch_norm, built for the baseline ISA (ts_batch_norm_cpu.cpp) and for AVX2 + FMA
-// (ts_batch_norm_cpu_avx2.cpp); cpu_isa.h says how one is chosen.
+// The CPU kernels of ts_batch_norm, built for the baseline ISA (ts_batch_norm_cpu.cpp), for AVX2 + FMA
+// (ts_batch_norm_cpu_avx2.cpp) and for AVX-512 (ts_batch_norm_cpu_avx512.cpp); cpu_isa.h says how one is chosen.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,6 +46,7 @@ struct CpuBatchNormKernels {
 extern const CpuBatchNormKernels kBaselineCpuKernels;
 #if TSBN_CPU_HAS_AVX2
 extern const CpuBatchNormKernels kAvx2CpuKernels;
+extern const CpuBatchNormKernels kAvx512CpuKernels;
 #endif
 
 }  // namespace tsbn

@@ -19,8 +19,9 @@ from ..reference import accumulation_dtype
 # Columns per partial Gramian on the eager path: a [T, CHUNK] slice stays in L2 while BLAS multiplies it.
 CHUNK = 1 << 16
 # On the CPU the C++ Gramian's AVX2 build beats per-chunk BLAS at every T measured (2-core EPYC, P = 1e7,
-# 2026-12-02: T=3 7–10 ms vs 17–25 ms, T=16 62–74 ms vs 75–104 ms, T=40 263–268 ms vs 355–385 ms). Its baseline
-# build, narrower than BLAS's own vector kernels, is kept to few tasks, where the pass is bound by memory.
+# 2026-12-02: T=3 7–10 ms vs 17–25 ms, T=16 62–74 ms vs 75–104 ms, T=40 263–268 ms vs 355–385 ms), and its AVX-512
+# build is wider still. Its baseline build, narrower than BLAS's own vector kernels, is kept to few tasks, where
+# the pass is bound by memory.
 CPP_GRAMIAN_MAX_TASKS_BASELINE = 8
 
 
@@ -69,10 +70,10 @@ def _choose(backend: str, device_type: str) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _cpp_gramian_is_avx2() -> bool:
+def _cpp_gramian_is_vectorised() -> bool:
     from .. import _extension
 
-    return _extension.cpu_isa() == "avx2"
+    return _extension.cpu_isa() in ("avx2", "avx512")
 
 
 def _triton_available() -> bool:
@@ -88,7 +89,7 @@ def gramian(G: Tensor, *, backend: str = "auto") -> Tensor:
     G = _check_matrix(G)
     chosen = _resolve(backend, G.device)
     if backend == "auto" and chosen == "cpu" and G.shape[0] > CPP_GRAMIAN_MAX_TASKS_BASELINE \
-            and not _cpp_gramian_is_avx2():
+            and not _cpp_gramian_is_vectorised():
         chosen = "eager"
     if chosen == "triton":
         from .triton_gramian import triton_gramian
