@@ -298,8 +298,8 @@ _Pragma("omp simd reduction(+ : a1, a2)")
 
 // dx over one plane.
 template <typename scalar_t, typename acc_t>
-TSBN_NOINLINE void plane_dx(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t mu, DxCoefficients<acc_t> k,
-                            acc_t sc, acc_t sh, bool relu) {
+TSBN_NOINLINE void plane_dx(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t mu,
+                            DxCoefficients<acc_t> k, acc_t sc, acc_t sh, bool relu) {
   const acc_t a_ = k.dy, b_ = k.d, c_ = k.zero;
   if (relu) {
 _Pragma("omp simd")
@@ -969,7 +969,8 @@ TORCH_LIBRARY_FRAGMENT(tsbn, m) {
 }
 
 TORCH_LIBRARY_IMPL(tsbn, CPU, m) {
-  const CpuBatchNormKernels& kernels = TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels, kAvx512CpuKernels);
+  const CpuBatchNormKernels& kernels =
+      TSBN_CPU_KERNELS_FOR_THIS_CPU(kBaselineCpuKernels, kAvx2CpuKernels, kAvx512CpuKernels);
   m.impl("ts_bn_forward", kernels.forward);
   m.impl("ts_bn_backward", kernels.backward);
   m.impl("ts_bn_batch_stats", kernels.batch_stats);

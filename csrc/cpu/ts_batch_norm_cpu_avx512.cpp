@@ -1,5 +1,5 @@
-// The kernels of ts_batch_norm_cpu.cpp built a third time, for AVX-512 (F, BW, VL, DQ) + FMA: 16-wide fp32 loops. Chosen
-// at load time where torch's CPU capability is AVX512 (cpu_isa.h).
+// The kernels of ts_batch_norm_cpu.cpp built a third time, for AVX-512 (F, BW, VL, DQ) + FMA: 16-wide fp32 loops.
+// Chosen at load time where torch's CPU capability is AVX512 (cpu_isa.h).
 #include "ts_batch_norm_cpu.h"
 
 #if TSBN_CPU_HAS_AVX512
