@@ -182,6 +182,36 @@ at::Tensor gramian_cpu(const at::Tensor& G_in) {
   return result.to(acc_type);
 }
 
+// combine adds up to this many rows of G into its accumulator per sweep: that many streams in flight and a
+// fraction of the accumulator traffic of one row a sweep. Each value is still added row by row in order, so the
+// bits do not depend on it.
+constexpr int kCombineRows = 4;
+
+// acc[k] += Σ_r w[r]·rows[r·stride + k] for the R rows, in row order.
+template <typename scalar_t, typename acc_t, int R>
+void sweep_rows(const scalar_t* rows, int64_t stride, const acc_t* w, int64_t width, acc_t* acc) {
+  const scalar_t* row[R];
+  acc_t wr[R];
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+    row[r] = rows + r * stride;
+    wr[r] = w[r];
+  }
+  _Pragma("omp simd") for (int64_t k = 0; k < width; ++k) {
+    acc_t a = acc[k];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) a += wr[r] * static_cast<acc_t>(row[r][k]);
+    acc[k] = a;
+  }
+}
+
+// The sweep of `count` (1..R) rows: R when it is full, else a smaller instantiation.
+template <typename scalar_t, typename acc_t, int R = kCombineRows>
+void add_rows(int count, const scalar_t* rows, int64_t stride, const acc_t* w, int64_t width, acc_t* acc) {
+  if constexpr (R > 1) {
+    if (count < R) return add_rows<scalar_t, acc_t, R - 1>(count, rows, stride, w, width, acc);
+  }
+  sweep_rows<scalar_t, acc_t, R>(rows, stride, w, width, acc);
+}
+
 at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in) {
   check_matrix(G_in, "combine");
   const at::Tensor G = G_in.contiguous();
@@ -200,11 +230,9 @@ at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t start = chunk * kColumns, width = std::min(kColumns, P - start);
         std::fill(acc.begin(), acc.begin() + width, acc_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* row = g + t * P + start;
-          const acc_t wt = wp[t];
-          _Pragma("omp simd") for (int64_t k = 0; k < width; ++k) acc[k] += wt * static_cast<acc_t>(row[k]);
-        }
+        for (int64_t t = 0; t < T; t += kCombineRows)
+          add_rows<scalar_t, acc_t>(static_cast<int>(std::min<int64_t>(kCombineRows, T - t)), g + t * P + start, P,
+                                    wp + t, width, acc.data());
         _Pragma("omp simd") for (int64_t k = 0; k < width; ++k) o[start + k] = static_cast<scalar_t>(acc[k]);
       }
     });
