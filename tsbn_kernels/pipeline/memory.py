@@ -2,29 +2,45 @@
 
 On CUDA this is the caching allocator's statistics: ``torch.cuda.max_memory_allocated`` less the bytes allocated at
 entry (what the block frees of the older memory lowers it). PyTorch keeps no such statistics for the CPU, so there
-the block runs under the profiler with ``profile_memory=True``, which reports every allocation and free of the CPU
-allocator: those of the tensors the block makes, and also the scratch memory that ops allocate and free inside
+the block runs under the profiler with ``profile_memory=True``, which reports the CPU allocator's allocations and
+frees: those of the tensors the block makes, and also the scratch memory that ops allocate and free inside
 themselves (a convolution's column buffers, a backward's contiguous copies), which on CUDA the allocator's peak
-holds too. The peak is the largest running sum of these events in time order. The CPU allocator reports the size
-of a free only for memory allocated while the profiler ran, so a free of older memory does not lower the sum (the
-two devices then agree when the block frees nothing older than itself: clear gradients with set_to_none before
-it, not inside); PyTorch logs a warning the first time that happens in a process. Memory outside PyTorch's
-allocator (a C++ kernel's std::vector scratch: on this package's CPU kernels a few [blocks, C] tables) is not
-seen. The profiler costs time per op, so time a block in a separate run.
+holds too. The peak is the largest sum, in time order, of the blocks allocated inside the block and not yet freed.
+Frees are matched to those allocations by address and the others are left out: the allocator's size table is
+only kept while some profiler runs, so a free of older memory may come with no size or with a stale one from an
+earlier profiled block whose address was reused. The two devices then agree when the block frees nothing older
+than itself (clear gradients with set_to_none before it, not inside); PyTorch logs a warning the first time it
+sees a free of unknown size in a process. Memory outside PyTorch's allocator (a C++ kernel's std::vector
+scratch: on this package's CPU kernels a few [blocks, C] tables) is not seen. The profiler costs time per op, so
+time a block in a separate run.
 """
 from __future__ import annotations
 
 import torch
+from torch._C._profiler import _ExtraFields_Allocation
 from torch.profiler import ProfilerActivity, profile
 
 
-def _cpu_peak_bytes(events) -> int:
-    cpu = torch.autograd.DeviceType.CPU
-    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
+def _cpu_peak_bytes(result) -> int:
+    allocations = []           # (time, address, bytes: > 0 allocated, < 0 freed)
+    events = list(result.experimental_event_tree())
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        fields = event.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+    # In time order; at equal times an allocation before a free, so that a block's own free follows it.
+    allocations.sort(key=lambda a: (a[0], a[2] < 0))
+    live: dict[int, int] = {}
+    total = peak = 0
+    for _, address, nbytes in allocations:
+        if nbytes > 0:
+            total += nbytes - live.get(address, 0)   # (an address allocated twice unseen-freed: counted once)
+            live[address] = nbytes
+            peak = max(peak, total)
+        elif address in live:
+            total -= live.pop(address)
     return peak
 
 
@@ -51,7 +67,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self._profiler is not None:
             self._profiler.__exit__(*exc)
-            self.peak_bytes = _cpu_peak_bytes(self._profiler.profiler.kineto_results.events())
+            self.peak_bytes = _cpu_peak_bytes(self._profiler.profiler.kineto_results)
             self._profiler = None
         else:
             torch.cuda.synchronize(self.device)
