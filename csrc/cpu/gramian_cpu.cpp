@@ -18,6 +18,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gramian_cpu.h"
@@ -62,6 +64,16 @@ struct VectorOf<double> {
   typedef double type __attribute__((vector_size(kVectorBytes)));
 };
 
+// Calls f(std::integral_constant<int, n>{}) with n = count, 1 <= count <= N: a block size known only at run time
+// becomes a template argument, so that the loops over the block unroll completely.
+template <int N, typename F>
+void with_count(int count, F&& f) {
+  if constexpr (N > 1) {
+    if (count < N) return with_count<N - 1>(count, std::forward<F>(f));
+  }
+  f(std::integral_constant<int, N>{});
+}
+
 template <typename acc_t>
 constexpr int64_t kLanes = kVectorBytes / static_cast<int64_t>(sizeof(acc_t));
 
@@ -104,26 +116,6 @@ void dot_block(const acc_t* rows, int64_t i0, int64_t j0, int64_t padded, int64_
     }
 }
 
-// The block of I (1..kBlockRows) × J (1..kBlockCols) rows, with the sizes as template arguments.
-template <typename acc_t, int I>
-void dot_block_rows(const acc_t* rows, int64_t i0, int64_t j0, int J, int64_t padded, int64_t T, double* out) {
-  switch (J) {
-    case 1: return dot_block<acc_t, I, 1>(rows, i0, j0, padded, T, out);
-    case 2: return dot_block<acc_t, I, 2>(rows, i0, j0, padded, T, out);
-    case 3: return dot_block<acc_t, I, 3>(rows, i0, j0, padded, T, out);
-    default: return dot_block<acc_t, I, kBlockCols>(rows, i0, j0, padded, T, out);
-  }
-}
-
-// The block of `I` (1..R) rows: R when it is full, else a smaller instantiation.
-template <typename acc_t, int R = kBlockRows>
-void dot_block_of(int I, const acc_t* rows, int64_t i0, int64_t j0, int J, int64_t padded, int64_t T, double* out) {
-  if constexpr (R > 1) {
-    if (I < R) return dot_block_of<acc_t, R - 1>(I, rows, i0, j0, J, padded, T, out);
-  }
-  dot_block_rows<acc_t, R>(rows, i0, j0, J, padded, T, out);
-}
-
 // The lower triangle of one chunk's Gramian, added to out [T, T].
 template <typename acc_t>
 void chunk_gramian(const acc_t* rows, int64_t T, int64_t padded, double* out) {
@@ -131,7 +123,11 @@ void chunk_gramian(const acc_t* rows, int64_t T, int64_t padded, double* out) {
     const int I = static_cast<int>(std::min<int64_t>(kBlockRows, T - i0));
     for (int64_t j0 = 0; j0 < i0 + I; j0 += kBlockCols) {
       const int J = static_cast<int>(std::min<int64_t>(kBlockCols, i0 + I - j0));
-      dot_block_of<acc_t>(I, rows, i0, j0, J, padded, T, out);
+      with_count<kBlockRows>(I, [&](auto i) {
+        with_count<kBlockCols>(J, [&](auto j) {
+          dot_block<acc_t, decltype(i)::value, decltype(j)::value>(rows, i0, j0, padded, T, out);
+        });
+      });
     }
   }
 }
@@ -203,15 +199,6 @@ void sweep_rows(const scalar_t* rows, int64_t stride, const acc_t* w, int64_t wi
   }
 }
 
-// The sweep of `count` (1..R) rows: R when it is full, else a smaller instantiation.
-template <typename scalar_t, typename acc_t, int R = kCombineRows>
-void add_rows(int count, const scalar_t* rows, int64_t stride, const acc_t* w, int64_t width, acc_t* acc) {
-  if constexpr (R > 1) {
-    if (count < R) return add_rows<scalar_t, acc_t, R - 1>(count, rows, stride, w, width, acc);
-  }
-  sweep_rows<scalar_t, acc_t, R>(rows, stride, w, width, acc);
-}
-
 at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in) {
   check_matrix(G_in, "combine");
   const at::Tensor G = G_in.contiguous();
@@ -231,8 +218,9 @@ at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in) {
         const int64_t start = chunk * kColumns, width = std::min(kColumns, P - start);
         std::fill(acc.begin(), acc.begin() + width, acc_t(0));
         for (int64_t t = 0; t < T; t += kCombineRows)
-          add_rows<scalar_t, acc_t>(static_cast<int>(std::min<int64_t>(kCombineRows, T - t)), g + t * P + start, P,
-                                    wp + t, width, acc.data());
+          with_count<kCombineRows>(static_cast<int>(std::min<int64_t>(kCombineRows, T - t)), [&](auto n) {
+            sweep_rows<scalar_t, acc_t, decltype(n)::value>(g + t * P + start, P, wp + t, width, acc.data());
+          });
         _Pragma("omp simd") for (int64_t k = 0; k < width; ++k) o[start + k] = static_cast<scalar_t>(acc[k]);
       }
     });
@@ -242,12 +230,12 @@ at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in) {
 
 }  // namespace
 
-#if defined(TSBN_CPU_AVX512)
+#if defined(TSBN_CPU_AVX2) || defined(TSBN_CPU_AVX512)
+#ifdef TSBN_CPU_AVX512
 extern const CpuGramianKernels kAvx512CpuGramianKernels = {&gramian_cpu, &combine_cpu};
-}  // namespace tsbn
-TSBN_CPU_ISA_END
-#elif defined(TSBN_CPU_AVX2)
+#else
 extern const CpuGramianKernels kAvx2CpuGramianKernels = {&gramian_cpu, &combine_cpu};
+#endif
 }  // namespace tsbn
 TSBN_CPU_ISA_END
 #else
