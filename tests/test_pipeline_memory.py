@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tsbn_kernels as tk
+from tsbn_kernels.mtl import gramian
 from tsbn_kernels.pipeline.memory import PeakMemory
 
 F64 = 8
@@ -70,6 +72,35 @@ def test_scratch_memory_inside_an_op_is_seen():
     with PeakMemory("cpu") as m:
         s = _sum_of_a_scratch_copy(x)
     assert m.peak_bytes >= 4 * x.numel() * F64 and s.numel() == 1
+
+
+CPU_KERNELS = pytest.mark.skipif("cpu" not in tk.available_backends("cpu"), reason="the C++ CPU kernels are not built")
+
+
+@CPU_KERNELS
+def test_the_cpu_batch_norm_partials_are_seen():
+    """The C++ kernels take their scratch from torch's allocator, as ATen's kernels do: a channels-last forward
+    holds the [blocks, C] mean and M2 partials of its moments while y lives (blocks of kInterleavedBlockValues =
+    16384 values of whole rows)."""
+    N, C, H, W = 4, 64, 64, 64
+    x = torch.randn(N, C, H, W).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, C)
+    blocks = N * (H * W) // (16384 // C)
+    with PeakMemory("cpu") as m:
+        y = tk.ts_batch_norm(x, weight, num_tasks=2, backend="cpu")
+    assert m.peak_bytes >= (y.numel() + 2 * blocks * C) * 4
+
+
+@CPU_KERNELS
+def test_the_cpu_gramian_chunk_buffer_is_seen():
+    """gramian converts T rows of a 2048-column chunk into an fp32 buffer per thread: the calling thread's is
+    seen (the profiler hears of its own thread's allocations only), though the [T, T] result and its float64 sums
+    are 1/17 of it."""
+    T, P = 40, 2048 * 40
+    G = torch.randn(T, P, dtype=torch.bfloat16)
+    with PeakMemory("cpu") as m:
+        M = gramian(G, backend="cpu")
+    assert m.peak_bytes >= T * 2048 * 4 and M.shape == (T, T)
 
 
 @pytest.mark.parametrize("older", ["allocated under an earlier profiled block", "allocated unprofiled"])

@@ -398,12 +398,16 @@ template <typename scalar_t, typename acc_t>
 Stats batch_stats(const Blocks& b, int64_t T, double eps) {
   const int64_t C = b.C, B = b.num_blocks();
   const scalar_t* x = b.x.const_data_ptr<scalar_t>();
-  // Partials [B, C]: one row per block (planar: per sample, one column per channel plane).
-  std::vector<acc_t> part_mean(B * C), part_m2(B * C);
+  // Partials [B, C]: one row per block (planar: per sample, one column per channel plane). Scratch that grows
+  // with x comes from torch's allocator, as ATen's does: the profiler's memory events count it.
+  const at::Tensor part_mean_buffer = at::empty({B, C}, b.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const at::Tensor part_m2_buffer = at::empty_like(part_mean_buffer);
+  acc_t* const part_mean = part_mean_buffer.data_ptr<acc_t>();
+  acc_t* const part_m2 = part_m2_buffer.data_ptr<acc_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n = blk / b.blocks_per_sample, chunk = blk % b.blocks_per_sample;
-      block_moments<scalar_t, acc_t>(b, x, n, chunk, part_mean.data() + blk * C, part_m2.data() + blk * C);
+      block_moments<scalar_t, acc_t>(b, x, n, chunk, part_mean + blk * C, part_m2 + blk * C);
     }
   });
   Stats st = empty_stats<acc_t>(b, T);
@@ -440,8 +444,8 @@ Stats batch_stats(const Blocks& b, int64_t T, double eps) {
       const double nb = static_cast<double>(b.rows_in(blk % b.blocks_per_sample));
       const double na = cnt[t], n = na + nb, wb = nb / n, wab = na * wb;
       cnt[t] = n;
-      const acc_t* pm = part_mean.data() + blk * C + c0;
-      const acc_t* pq = part_m2.data() + blk * C + c0;
+      const acc_t* pm = part_mean + blk * C + c0;
+      const acc_t* pq = part_m2 + blk * C + c0;
       double* mu_t = mu.data() + t * width;
       double* m2_t = m2.data() + t * width;
 _Pragma("omp simd")
@@ -698,12 +702,15 @@ template <typename scalar_t, typename acc_t>
 void split_grad_sums(const Blocks& b, const scalar_t* xp, const scalar_t* gp, const BackwardTables<acc_t>& tb,
                      bool relu, std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t C = b.C, B = b.num_blocks();
-  std::vector<acc_t> part_s1(B * C), part_s2(B * C);
+  const at::Tensor part_s1_buffer = at::empty({B, C}, b.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const at::Tensor part_s2_buffer = at::empty_like(part_s1_buffer);
+  acc_t* const part_s1 = part_s1_buffer.data_ptr<acc_t>();
+  acc_t* const part_s2 = part_s2_buffer.data_ptr<acc_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk)
       block_grad_sums<scalar_t, acc_t>(b, xp, gp, blk / b.blocks_per_sample, blk % b.blocks_per_sample, tb.mean(),
-                                       tb.scale.data(), tb.beta.data(), relu, part_s1.data() + blk * C,
-                                       part_s2.data() + blk * C);
+                                       tb.scale.data(), tb.beta.data(), relu, part_s1 + blk * C,
+                                       part_s2 + blk * C);
   });
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t blk = 0; blk < B; ++blk) {

@@ -10,9 +10,11 @@ Frees are matched to those allocations by address and the others are left out: t
 only kept while some profiler runs, so a free of older memory may come with no size or with a stale one from an
 earlier profiled block whose address was reused. The two devices then agree when the block frees nothing older
 than itself (clear gradients with set_to_none before it, not inside); PyTorch logs a warning the first time it
-sees a free of unknown size in a process. Memory outside PyTorch's allocator (a C++ kernel's std::vector
-scratch: on this package's CPU kernels a few [blocks, C] tables) is not seen. The profiler costs time per op, so
-time a block in a separate run.
+sees a free of unknown size in a process. The profiler hears of the allocations made on the thread it runs on: an
+op's scratch taken inside its OpenMP workers is seen from the calling thread's share only (one per-thread chunk
+buffer of this package's CPU gramian; the [blocks, C] partial tables of its batch norm are allocated before the
+parallel loop and seen whole), and memory outside PyTorch's allocator not at all. The profiler costs time per op,
+so time a block in a separate run.
 """
 from __future__ import annotations
 
