@@ -9,8 +9,9 @@ and the slab kernels (one block per (task, channel) unit in shared memory) over 
 to 2048 (sampled), T up to 40, several block sizes, eval backward, gates and affine options. It checks every
 output and partial-count slot is written, the results against a float64 reference (|mean| = 1e4·std included)
 and that they are bitwise equal across grid sizes and thread schedules (round robin, and one warp running
-ahead as far as the barriers allow, which exposes a missing barrier). Compiler throughput, fast-math and real memory behaviour are not
-covered: that needs a GPU (tests/test_fused_batch_norm.py, tests/test_cuda_graphs.py).
+ahead as far as the barriers allow, which exposes a missing barrier). The device code is built without fast math
+(setup.py), so its arithmetic is IEEE as here, up to nvcc's fused multiply-adds. Throughput and real memory
+behaviour are not covered: that needs a GPU (tests/test_fused_batch_norm.py, tests/test_cuda_graphs.py).
 TSBN_SIM_MODE=quick (about a minute of run time) or full runs longer sweeps than the default smoke set.
 """
 from __future__ import annotations
