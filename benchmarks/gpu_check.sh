@@ -80,14 +80,18 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   # so are the multi-process sync tests (gloo, CPU tensors: one GPU here), whose GPU kernels test_sync_kernels runs.
   # A hung test costs its own result only (pytest-timeout, in the GPU image; a rehearsal machine may lack it).
   PER_TEST_TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150")
-  phase "GPU tests" 120 python3 -m pytest -q -p no:cacheprovider -n 8 $PER_TEST_TIMEOUT -rfE \
+  # -v: a line per test as it ends, so a run cut at the cap still says which tests failed (the tracebacks and the
+  # -rfE summary come only at the end).
+  phase "GPU tests" 120 python3 -m pytest -v -p no:cacheprovider -n 8 $PER_TEST_TIMEOUT -rfE --tb=short \
     tests/test_fused_batch_norm.py tests/test_cuda_slab_kernel.py tests/test_fused_layer_norm.py tests/test_triton_split.py tests/test_cuda_graphs.py \
     tests/test_extension.py tests/test_modules.py tests/test_validation.py tests/test_convert.py tests/test_mtl_gramian.py \
     tests/test_mtl_weightings.py tests/test_mtl_per_task.py tests/test_mtl_fused_solver.py tests/test_mtl_fused_cagrad.py \
     tests/test_mtl_on_device.py "tests/test_mtl_attention.py::test_one_backward_through_a_transformer_on_its_device" tests/test_sync_kernels.py tests/test_tuning.py \
     > "$OUT/tests.log" 2>&1
-  grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/log"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/log"
+  grep -E "^=+ .*[0-9]+ (passed|failed|error)" "$OUT/tests.log" | tail -1 | grep . | tee -a "$OUT/log" \
+    || echo "tests cut short: $(grep -c '\] PASSED ' "$OUT/tests.log") passed, $(grep -cE '\] (FAILED|ERROR) ' \
+      "$OUT/tests.log") failed so far" | tee -a "$OUT/log"
+  grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$OUT/log"
 fi
 
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
