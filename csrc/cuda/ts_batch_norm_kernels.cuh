@@ -472,13 +472,56 @@ __global__ void
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// y = (x − mean)·scale + shift (+ relu); units in reverse order.
+// The elementwise passes: every element out of x (and dy) through per-(task, channel) coefficients, units in
+// reverse order (the last unit a statistics pass read is the first one here, still in L2). One skeleton per
+// layout; an Op holds the coefficient tables, what it reads per (task, channel) and what it makes of an element.
 
-template <typename scalar_t, typename acc_t, int VEC, int U>
-__global__ void
-    apply_planar_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
-                        const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                        const acc_t* __restrict__ shift, bool relu) {
+// y = (x − mean)·scale + shift (+ relu).
+template <typename acc_t>
+struct ApplyOp {
+  static constexpr int kInputs = 1;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;  // nullptr: 0
+  bool relu;
+  struct Coef {
+    acc_t mu, sc, sh;
+  };
+  __device__ __forceinline__ Coef at(int64_t k) const {
+    return {mean[k], scale[k], shift != nullptr ? shift[k] : acc_t(0)};
+  }
+  __device__ __forceinline__ acc_t operator()(const Coef& c, acc_t x, acc_t) const {
+    return relu_if(affine(x - c.mu, c.sc, c.sh), relu);
+  }
+};
+
+// dx = coef_dy·dy' + coef_d·(x − mean) + coef_0, dy' = dy masked by the relu recomputed from x.
+template <typename acc_t>
+struct GradInputOp {
+  static constexpr int kInputs = 2;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;  // nullptr: 0
+  const acc_t* __restrict__ coef_dy;
+  const acc_t* __restrict__ coef_d;
+  const acc_t* __restrict__ coef_0;
+  bool relu;
+  struct Coef {
+    acc_t mu, sc, sh, a, b, z;
+  };
+  __device__ __forceinline__ Coef at(int64_t k) const {
+    return {mean[k], scale[k], shift != nullptr ? shift[k] : acc_t(0), coef_dy[k], coef_d[k], coef_0[k]};
+  }
+  __device__ __forceinline__ acc_t operator()(const Coef& c, acc_t x, acc_t dy) const {
+    const acc_t d = x - c.mu;
+    const acc_t g = relu && !(affine(d, c.sc, c.sh) > acc_t(0)) ? acc_t(0) : dy;
+    return c.a * g + c.b * d + c.z;
+  }
+};
+
+template <typename scalar_t, typename acc_t, int VEC, int U, typename Op>
+__device__ __forceinline__ void elementwise_planar(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                                                   scalar_t* __restrict__ out, const Plan& p, const Op& op) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lanes = p.lanes, li = tid & (lanes - 1);
   const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
@@ -490,32 +533,34 @@ __global__ void
     const int64_t pa = static_cast<int64_t>(un.j) * p.L;
     const int len = static_cast<int>(min64(p.L, p.SV - pa));
     for (int n = un.n0; n < un.n1; ++n) {
-      const int64_t k0 = static_cast<int64_t>(task_at(p, n)) * p.C + c;
-      const acc_t mu = mean[k0], sc = scale[k0], sh = shift != nullptr ? shift[k0] : acc_t(0);
+      const typename Op::Coef coef = op.at(static_cast<int64_t>(task_at(p, n)) * p.C + c);
       const int64_t base = ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;
       for (int q0 = li; q0 < len; q0 += step) {
-        Pack<scalar_t, VEC> in[U];
+        Pack<scalar_t, VEC> px[U], pg[U];
         bool ok[U];
-        load_batch(in, ok, x + base, q0, lanes, lanes, len - q0);
+        load_batch(px, ok, x + base, q0, lanes, lanes, len - q0);
+        if constexpr (Op::kInputs == 2) load_batch(pg, ok, dy + base, q0, lanes, lanes, len - q0);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
-          Pack<scalar_t, VEC> out;
+          Pack<scalar_t, VEC> result;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            out.v[e] = static_cast<scalar_t>(relu_if(affine(static_cast<acc_t>(in[k].v[e]) - mu, sc, sh), relu));
-          store_pack<VEC>(y + base, q0 + k * lanes, out);
+          for (int e = 0; e < VEC; ++e) {
+            acc_t g = acc_t(0);
+            if constexpr (Op::kInputs == 2) g = static_cast<acc_t>(pg[k].v[e]);
+            result.v[e] = static_cast<scalar_t>(op(coef, static_cast<acc_t>(px[k].v[e]), g));
+          }
+          store_pack<VEC>(out + base, q0 + k * lanes, result);
         }
       }
     }
   }
 }
 
-template <typename scalar_t, typename acc_t, int VEC, int U>
-__global__ void
-    apply_interleaved_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
-                             const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                             const acc_t* __restrict__ shift, bool relu) {
+template <typename scalar_t, typename acc_t, int VEC, int U, typename Op>
+__device__ __forceinline__ void elementwise_interleaved(const scalar_t* __restrict__ x,
+                                                        const scalar_t* __restrict__ dy, scalar_t* __restrict__ out,
+                                                        const Plan& p, const Op& op) {
   const int tid = static_cast<int>(threadIdx.x);
   const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
   const int by = kThreads >> p.lanes_log2;
@@ -527,29 +572,28 @@ __global__ void
     const bool cvalid = cv < p.CV;
     const auto segment = [&](int64_t ra, int64_t rb, int t) {
       if (!cvalid) return;
-      acc_t mu[VEC], sc[VEC], sh[VEC];
+      typename Op::Coef coef[VEC];
       const int64_t k0 = static_cast<int64_t>(t) * p.C + cv * VEC;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        mu[e] = mean[k0 + e];
-        sc[e] = scale[k0 + e];
-        sh[e] = shift != nullptr ? shift[k0 + e] : acc_t(0);
-      }
+      for (int e = 0; e < VEC; ++e) coef[e] = op.at(k0 + e);
       for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
         const int left = static_cast<int>(min64(rb - r0, row_step));
         const int64_t offset = (r0 * p.CV + cv) * VEC;
-        Pack<scalar_t, VEC> in[U];
+        Pack<scalar_t, VEC> px[U], pg[U];
         bool ok[U];
-        load_batch(in, ok, x + offset, 0, rstride, by, left);
+        load_batch(px, ok, x + offset, 0, rstride, by, left);
+        if constexpr (Op::kInputs == 2) load_batch(pg, ok, dy + offset, 0, rstride, by, left);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (!ok[k]) continue;
-          Pack<scalar_t, VEC> out;
+          Pack<scalar_t, VEC> result;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            out.v[e] =
-                static_cast<scalar_t>(relu_if(affine(static_cast<acc_t>(in[k].v[e]) - mu[e], sc[e], sh[e]), relu));
-          store_pack<VEC>(y + offset, k * rstride, out);
+          for (int e = 0; e < VEC; ++e) {
+            acc_t g = acc_t(0);
+            if constexpr (Op::kInputs == 2) g = static_cast<acc_t>(pg[k].v[e]);
+            result.v[e] = static_cast<scalar_t>(op(coef[e], static_cast<acc_t>(px[k].v[e]), g));
+          }
+          store_pack<VEC>(out + offset, k * rstride, result);
         }
       }
     };
@@ -568,6 +612,21 @@ __global__ void
   }
 }
 
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    apply_planar_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
+                        const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                        const acc_t* __restrict__ shift, bool relu) {
+  elementwise_planar<scalar_t, acc_t, VEC, U>(x, nullptr, y, p, ApplyOp<acc_t>{mean, scale, shift, relu});
+}
+
+template <typename scalar_t, typename acc_t, int VEC, int U>
+__global__ void
+    apply_interleaved_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Plan p,
+                             const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                             const acc_t* __restrict__ shift, bool relu) {
+  elementwise_interleaved<scalar_t, acc_t, VEC, U>(x, nullptr, y, p, ApplyOp<acc_t>{mean, scale, shift, relu});
+}
 // ---------------------------------------------------------------------------------------------------------
 // Backward sums per segment and channel: Σdy', Σdy'·(x − mean), dy' = dy masked by the relu recomputed from x.
 
@@ -737,7 +796,8 @@ __global__ void
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// dx = coef_dy·dy' + coef_d·(x − mean) + coef_0, all per (task, channel); units in reverse order.
+// dx = coef_dy·dy' + coef_d·(x − mean) + coef_0, all per (task, channel): GradInputOp over the elementwise
+// skeletons above.
 
 template <typename scalar_t, typename acc_t, int VEC, int U>
 __global__ void
@@ -746,41 +806,8 @@ __global__ void
                              const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                              const acc_t* __restrict__ coef_dy, const acc_t* __restrict__ coef_d,
                              const acc_t* __restrict__ coef_0, bool relu) {
-  const int tid = static_cast<int>(threadIdx.x);
-  const int lanes = p.lanes, li = tid & (lanes - 1);
-  const int group = tid >> p.lanes_log2, per_block = kThreads >> p.lanes_log2;
-  const int step = lanes * U;
-  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
-    const Unit un = planar_unit(p, p.units - 1 - it);
-    const int c = un.cb * per_block + group;
-    if (c >= p.C) continue;
-    const int64_t pa = static_cast<int64_t>(un.j) * p.L;
-    const int len = static_cast<int>(min64(p.L, p.SV - pa));
-    for (int n = un.n0; n < un.n1; ++n) {
-      const int64_t k0 = static_cast<int64_t>(task_at(p, n)) * p.C + c;
-      const acc_t mu = mean[k0], sc = scale[k0], sh = shift != nullptr ? shift[k0] : acc_t(0);
-      const acc_t a = coef_dy[k0], b = coef_d[k0], z = coef_0[k0];
-      const int64_t base = ((static_cast<int64_t>(n) * p.C + c) * p.SV + pa) * VEC;
-      for (int q0 = li; q0 < len; q0 += step) {
-        Pack<scalar_t, VEC> px[U], pg[U];
-        bool ok[U];
-        load_batch(px, ok, x + base, q0, lanes, lanes, len - q0);
-        load_batch(pg, ok, dy + base, q0, lanes, lanes, len - q0);
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          if (!ok[k]) continue;
-          Pack<scalar_t, VEC> out;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu;
-            const acc_t g = relu && !(affine(d, sc, sh) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
-            out.v[e] = static_cast<scalar_t>(a * g + b * d + z);
-          }
-          store_pack<VEC>(dx + base, q0 + k * lanes, out);
-        }
-      }
-    }
-  }
+  elementwise_planar<scalar_t, acc_t, VEC, U>(
+      x, dy, dx, p, GradInputOp<acc_t>{mean, scale, shift, coef_dy, coef_d, coef_0, relu});
 }
 
 template <typename scalar_t, typename acc_t, int VEC, int U>
@@ -790,65 +817,9 @@ __global__ void
                                   const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                   const acc_t* __restrict__ coef_dy, const acc_t* __restrict__ coef_d,
                                   const acc_t* __restrict__ coef_0, bool relu) {
-  const int tid = static_cast<int>(threadIdx.x);
-  const int bx = p.lanes, tx = tid & (bx - 1), ty = tid >> p.lanes_log2;
-  const int by = kThreads >> p.lanes_log2;
-  const int row_step = by * U;
-  const int rstride = by * p.CV;
-  for (int it = static_cast<int>(blockIdx.x); it < p.units; it += static_cast<int>(gridDim.x)) {
-    const Unit un = interleaved_unit(p, p.units - 1 - it);
-    const int cv = un.cb * bx + tx;
-    const bool cvalid = cv < p.CV;
-    const auto segment = [&](int64_t ra, int64_t rb, int t) {
-      if (!cvalid) return;
-      acc_t mu[VEC], sc[VEC], sh[VEC], a[VEC], b[VEC], z[VEC];
-      const int64_t k0 = static_cast<int64_t>(t) * p.C + cv * VEC;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        mu[e] = mean[k0 + e];
-        sc[e] = scale[k0 + e];
-        sh[e] = shift != nullptr ? shift[k0 + e] : acc_t(0);
-        a[e] = coef_dy[k0 + e];
-        b[e] = coef_d[k0 + e];
-        z[e] = coef_0[k0 + e];
-      }
-      for (int64_t r0 = ra + ty; r0 < rb; r0 += row_step) {
-        const int left = static_cast<int>(min64(rb - r0, row_step));
-        const int64_t offset = (r0 * p.CV + cv) * VEC;
-        Pack<scalar_t, VEC> px[U], pg[U];
-        bool ok[U];
-        load_batch(px, ok, x + offset, 0, rstride, by, left);
-        load_batch(pg, ok, dy + offset, 0, rstride, by, left);
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-          if (!ok[k]) continue;
-          Pack<scalar_t, VEC> out;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const acc_t d = static_cast<acc_t>(px[k].v[e]) - mu[e];
-            const acc_t g =
-                relu && !(affine(d, sc[e], sh[e]) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(pg[k].v[e]);
-            out.v[e] = static_cast<scalar_t>(a[e] * g + b[e] * d + z[e]);
-          }
-          store_pack<VEC>(dx + offset, k * rstride, out);
-        }
-      }
-    };
-    if (p.J > 1) {
-      const int64_t r0 = static_cast<int64_t>(un.n0) * p.S;
-      segment(r0 + static_cast<int64_t>(un.j) * p.L, r0 + min64(static_cast<int64_t>(un.j + 1) * p.L, p.S),
-              task_at(p, un.n0));
-    } else {
-      for (int n = un.n0; n < un.n1;) {
-        const int t = task_at(p, n);
-        const int ne = task_run_end(p, n, un.n1, t);
-        segment(static_cast<int64_t>(n) * p.S, static_cast<int64_t>(ne) * p.S, t);
-        n = ne;
-      }
-    }
-  }
+  elementwise_interleaved<scalar_t, acc_t, VEC, U>(
+      x, dy, dx, p, GradInputOp<acc_t>{mean, scale, shift, coef_dy, coef_d, coef_0, relu});
 }
-
 // ---------------------------------------------------------------------------------------------------------
 // Merges. Block b = t · groups + g combines, for task t and channels [32g, 32g + 32) (one per lane), every
 // slot of task t: warp w takes the windows of 32 slots w, w + kMergeWarps, ... in order, votes which slots
