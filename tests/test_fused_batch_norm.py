@@ -25,9 +25,10 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 4e-3, torch.bflo
 
 
 def run(backend, x, weight, bias, stats, *, task_ids=None, training=True, momentum=0.1, gate="sigmoid",
-        activation=None, eps=1e-5, grad_seed=7):
-    """Forward and backward; returns y, dx, dweight, dbias and the updated running statistics."""
-    x = x.detach().clone().requires_grad_(True)
+        activation=None, eps=1e-5, grad_seed=7, keep_strides=False):
+    """Forward and backward; returns y, dx, dweight, dbias and the updated running statistics. x is cloned
+    (a non-dense view becomes contiguous) unless keep_strides."""
+    x = (x.detach() if keep_strides else x.detach().clone()).requires_grad_(True)
     weight = None if weight is None else weight.detach().clone().requires_grad_(True)
     bias = None if bias is None else bias.detach().clone().requires_grad_(True)
     rm, rv = (None, None) if stats[0] is None else (stats[0].clone(), stats[1].clone())
@@ -99,6 +100,37 @@ def test_modes_float64(backend, shape, channels_last, training):
         want = run("reference64", x, weight, b, (rm, rv), training=training, gate=gate, activation=activation)
         assert_matches(got, want, torch.float64, x)
         assert layout_of(got[0]) == layout_of(x) and layout_of(got[1]) == layout_of(x)
+
+
+def strided_view(kind: str, shape, generator) -> torch.Tensor:
+    """A float64 view of ``shape`` that is neither contiguous nor channels-last, as slicing, expanding or permuting
+    a tensor leaves it."""
+    N, C, H, W = shape
+    base = make_input((N, 2 * C, H, 2 * W), torch.float64, offset=2.0, generator=generator, device=DEVICE)
+    if kind == "channel-sliced":
+        return base[:, ::2, :, :W]
+    if kind == "position-sliced":
+        return base[:, :C, :, ::2]
+    if kind == "expanded":                      # stride 0 along W: every row of a plane one value
+        return base[:, :C, :, :1].expand(N, C, H, W)
+    return base[:, :C, :W, :H].contiguous().transpose(2, 3)   # "spatial-permuted": dense, H and W swapped
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["channel-sliced", "position-sliced", "expanded", "spatial-permuted"])
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_views(backend, kind, training):
+    """The kernel gets the view itself (not a contiguous clone) and gives what the reference gives on its values."""
+    g = torch.Generator().manual_seed(hash((kind, training)) % 2**31)
+    x = strided_view(kind, (6, 5, 4, 3), g)
+    assert layout_of(x) == "other" and x.shape == (6, 5, 4, 3)
+    weight, bias, rm, rv = make_params(3, 5, torch.float64, generator=g, device=DEVICE)
+    for gate, activation, use_bias in (("sigmoid", None, False), ("sigmoid", "relu", True), ("none", "relu", True)):
+        b = bias if use_bias else None
+        got = run(backend, x, weight, b, (rm, rv), training=training, gate=gate, activation=activation,
+                  keep_strides=True)
+        want = run("reference64", x, weight, b, (rm, rv), training=training, gate=gate, activation=activation)
+        assert_matches(got, want, torch.float64, x)
 
 
 @pytest.mark.parametrize("backend", FUSED)
