@@ -627,6 +627,7 @@ __global__ void
                              const acc_t* __restrict__ shift, bool relu) {
   elementwise_interleaved<scalar_t, acc_t, VEC, U>(x, nullptr, y, p, ApplyOp<acc_t>{mean, scale, shift, relu});
 }
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward sums per segment and channel: Σdy', Σdy'·(x − mean), dy' = dy masked by the relu recomputed from x.
 
