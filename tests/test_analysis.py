@@ -207,3 +207,17 @@ def test_gate_heatmaps_of_forty_tasks_stay_a_readable_size(tmp_path):
     assert height < 8000, (width, height)
     small = [LayerGates(f"l{i}", rng.random((3, 8)), "sigmoid") for i in range(2)]
     assert Image.open(plots.gate_heatmaps(small, tmp_path / "s.png", ["a", "b", "c"])).size[1] > 250
+
+
+@pytest.mark.parametrize("module", ["tsbn_kernels.analysis.cli", "tsbn_kernels.pipeline.train",
+                                    "tsbn_kernels.pipeline.check", "tsbn_kernels.pipeline.data"])
+def test_each_command_runs_as_a_module_without_warnings(module):
+    """``python -m MODULE --help`` for each command-line tool: no package __init__ imports the module first (runpy
+    would warn that it found it in sys.modules and may run it twice)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout and "RuntimeWarning" not in out.stderr
