@@ -11,7 +11,9 @@ from tsbn_kernels.pipeline import data, dense_data
 @pytest.mark.parametrize("dataset,tasks", [("nyuv2", {"image", "segmentation", "depth", "normal"}),
                                              ("cityscapes", {"image", "segmentation", "depth"})])
 def test_synth_writes_the_real_format_and_the_loader_reads_it(dataset, tasks, tmp_path, capsys):
-    assert data.main(["synth", dataset, "--out", str(tmp_path), "--n", "3", "--size", "24", "32"]) == 0
+    assert data.main(["synth", dataset, "--out", str(tmp_path), "--n", "3", "--size", "24", "32",
+                      "--split", "train"]) == 0
+    assert not (tmp_path / "val").exists()
     spec = dense_data.SPECS[dataset]
     assert np.load(tmp_path / "train" / spec.folders["segmentation"] / "0.npy").shape == (24, 32)
     assert np.load(tmp_path / "train" / "image" / "2.npy").shape == (24, 32, 3)
@@ -28,6 +30,20 @@ def test_synth_writes_the_real_format_and_the_loader_reads_it(dataset, tasks, tm
         valid = norms > 0
         torch.testing.assert_close(norms[valid], torch.ones_like(norms[valid]), rtol=1e-5, atol=1e-5)
         assert torch.equal(valid, item["depth"][0] > 0)
+
+
+@pytest.mark.parametrize("dataset", ["nyuv2", "cityscapes"])
+def test_synth_fills_both_splits_by_default(dataset, tmp_path, capsys):
+    """`tsbn-data synth DATASET --n N`: a quarter of N (at least one) in val, the rest in train, from other seeds,
+    so that `tsbn-train --data` finds the validation split it reads."""
+    assert data.main(["synth", dataset, "--out", str(tmp_path), "--n", "5", "--size", "8", "16"]) == 0
+    assert "wrote 4 train and 1 val" in capsys.readouterr().out
+    train, val = data.DenseDataset(dataset, tmp_path, "train"), data.DenseDataset(dataset, tmp_path, "val")
+    assert (len(train), len(val)) == (4, 1)
+    assert not torch.equal(train[0]["image"], val[0]["image"])
+    with pytest.raises(SystemExit):
+        data.main(["synth", dataset, "--out", str(tmp_path / "one"), "--n", "1"])
+    assert "--n must be at least 2 to fill both splits" in capsys.readouterr().err
 
 
 def test_default_size_is_the_benchmark_size(tmp_path):

@@ -91,7 +91,8 @@ def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_pa
 def test_missing_or_corrupt_data_is_one_line_naming_the_file(tmp_path, capsys):
     from tsbn_kernels.pipeline import data
 
-    assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "4", "--size", "16", "32"]) == 0
+    assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "4", "--size", "16", "32",
+                      "--split", "train"]) == 0
     assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "2", "--size", "16", "32",
                       "--split", "val"]) == 0
     (tmp_path / "d" / "train" / "depth" / "1.npy").write_bytes(b"not an array")
