@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tsbn_kernels import analysis
-from tsbn_kernels.pipeline import train
+from tsbn_kernels.pipeline import data, train
 
 TINY = {"nyuv2": ["--size", "16", "24"], "cityscapes": ["--size", "16", "32"], "celeba": ["--size", "16", "16"],
         "pascal": ["--size", "32", "32"]}
@@ -47,6 +47,33 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     assert full["step"] == split["step"] == 8
     for key, value in full["model"].items():
         assert torch.equal(value, split["model"][key]), key
+
+
+def test_resume_with_only_out_and_epochs_takes_the_runs_own_settings(tmp_path, capsys):
+    """README: `tsbn-train nyuv2 --out runs/nyuv2 --epochs 20 --resume`. Every setting not given is the run's own
+    (config.json): the same data, width, batch, size and aggregator, so the resumed run equals the uninterrupted
+    one. Without that, the defaults came back (--data synthetic) and a resume trained on other data, only warned."""
+    assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "10", "--size", "16", "32"]) == 0
+    settings = ["--data", str(tmp_path / "d"), "--width", "4", "--batch", "2", "--aggregator", "pcgrad",
+                "--lr", "3e-3", *TINY["cityscapes"]]
+    assert train.main(["cityscapes", "--out", str(tmp_path / "full"), *settings, "--epochs", "2"]) == 0
+    assert train.main(["cityscapes", "--out", str(tmp_path / "split"), *settings, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert train.main(["cityscapes", "--out", str(tmp_path / "split"), "--epochs", "2", "--resume"]) == 0
+    assert "changed settings" not in capsys.readouterr().err
+    assert not (tmp_path / "split" / "data").exists()          # no synthetic data was made
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert full["step"] == split["step"]
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    # Given anew, a setting that shapes the model is refused and one that does not is reported.
+    with pytest.raises(SystemExit, match=r"started with --width 4 \(now 8\)"):
+        train.main(["cityscapes", "--out", str(tmp_path / "split"), "--epochs", "3", "--resume", "--width", "8"])
+    assert train.main(["cityscapes", "--out", str(tmp_path / "split"), "--epochs", "3", "--resume",
+                       "--lr", "1e-3"]) == 0
+    assert "changed settings (the run will not reproduce an uninterrupted one): lr: 0.003 -> 0.001" in \
+        capsys.readouterr().err
 
 
 def test_resume_after_a_steps_stop_mid_epoch_trains_the_rest_of_that_epoch_bitwise(tmp_path):
@@ -89,8 +116,6 @@ def test_run_directory_is_never_overwritten_or_resumed_with_another_model(tmp_pa
 
 
 def test_missing_or_corrupt_data_is_one_line_naming_the_file(tmp_path, capsys):
-    from tsbn_kernels.pipeline import data
-
     assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "4", "--size", "16", "32",
                       "--split", "train"]) == 0
     assert data.main(["synth", "cityscapes", "--out", str(tmp_path / "d"), "--n", "2", "--size", "16", "32",
@@ -149,7 +174,7 @@ def test_resume_may_add_or_drop_the_baseline(tmp_path):
     fast = ["--norm", "bn", "--aggregator", "sum"]
     assert run("celeba", out, "--epochs", "1", *fast) == 0
     assert run("celeba", out, "--epochs", "2", *fast, "--resume", "--baseline", str(baseline)) == 0
-    assert run("celeba", out, "--epochs", "3", *fast, "--resume") == 0
+    assert run("celeba", out, "--epochs", "3", *fast, "--resume", "--baseline", "") == 0   # (not given: kept)
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]

@@ -11,12 +11,14 @@ metrics, Δm; a --steps stop inside an epoch adds an entry marked "partial", whi
 plots/ (loss curves, per-task metrics, gate histograms) and analysis/record.npz (gates and Gramians for
 tsbn-analyze). ``--resume`` continues from checkpoint.pt, after a --steps stop with the next batch of the same
 epoch; on the CPU a resumed run reproduces the uninterrupted one bitwise (data order and augmentation are a
-function of seed and epoch); it refuses a run started with another model or optimizer, and
-a new run refuses a directory that already holds a checkpoint. A NaN/Inf loss stops the run with a message; the
-last good checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's on-disk format into
-OUT/data first. Under torchrun (gloo on the CPU, nccl on GPUs) every norm's statistics span all processes and
-the per-task gradients are averaged across them before aggregation, so R processes with --batch N train as one
-process with --batch R·N (pipeline.distributed); rank 0 evaluates and writes the files.
+function of seed and epoch). Every setting not given on the resuming command line is the run's own (config.json),
+so ``tsbn-train BENCHMARK --out DIR --epochs 20 --resume`` continues on the same data, width, batch, ...; one
+given anew must match where it shapes the model or optimizer (else the resume is refused) and is reported where
+it does not. A new run refuses a directory that already holds a checkpoint. A NaN/Inf loss stops the run with a
+message; the last good checkpoint stays. --data synthetic writes a small synthetic dataset in the benchmark's
+on-disk format into OUT/data first. Under torchrun (gloo on the CPU, nccl on GPUs) every norm's statistics span
+all processes and the per-task gradients are averaged across them before aggregation, so R processes with
+--batch N train as one process with --batch R·N (pipeline.distributed); rank 0 evaluates and writes the files.
 Δm needs a single-task baseline: built in for NYUv2 and Cityscapes; --baseline FILE (JSON {metric: value})
 for PASCAL-Context (whose baselines depend on the backbone) or to override.
 """
@@ -228,6 +230,40 @@ def set_rng_state(state: dict) -> None:
 
 
 def parse(argv):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_and_fill(parser, args)
+    if args.resume:
+        _adopt_run_settings(args, _given_on_command_line(argv, args))
+    return args
+
+
+def _given_on_command_line(argv, args) -> set[str]:
+    """The settings the command line sets (not left at their defaults): the same parser with every default
+    suppressed leaves out of its namespace what was not given. (argparse lists its actions in ``_actions`` only;
+    set_defaults would not do: a suppressed default there is put in the namespace and converted by ``type``.)"""
+    probe = _parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv))) & set(vars(args))
+
+
+def _adopt_run_settings(args, given: set[str]) -> None:
+    """--resume: each setting the command line leaves at its default takes the run's own value from its
+    config.json (what the resume continues), except what a resume is expected to change. Without a readable
+    config.json nothing is adopted; check_run_directory then says what is missing."""
+    try:
+        previous = json.loads((pathlib.Path(args.out) / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(previous, dict):
+        return
+    for name, value in previous.items():
+        if name in vars(args) and name not in given and name not in RESUME_FREE:
+            setattr(args, name, value)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsbn-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=tuple(REAL_SIZES))
@@ -240,7 +276,8 @@ def parse(argv):
                         "--steps is given); with both, the run stops at whichever limit it reaches first")
     parser.add_argument("--steps", type=int, help="stop after this many optimizer steps in total")
     parser.add_argument("--out", default="runs/latest")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out; settings not given here are the run's own")
     parser.add_argument("--width", type=int, help="stem width (default 64 on a GPU, 8 on the CPU)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="input size: of the synthetic data, and of the CelebA / PASCAL-Context images, which "
@@ -259,8 +296,14 @@ def parse(argv):
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="parameter dtype (float64 for exact comparisons on the CPU; --amp for mixed precision)")
-    parser.add_argument("--baseline", help="JSON file {metric: single-task value} for Δm")
-    args = parser.parse_args(argv)
+    parser.add_argument("--baseline", help="JSON file {metric: single-task value} for Δm (\"\": none given; NYUv2 "
+                        "and Cityscapes then use their built-in baselines)")
+    return parser
+
+
+def _check_and_fill(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse what the model cannot take (parser.error: usage and exit status 2) and fill the defaults that
+    depend on the device."""
     if args.arch is not None and args.arch not in ARCHS[args.benchmark]:
         parser.error(f"--arch for {args.benchmark} must be one of {ARCHS[args.benchmark]}")
     if args.batch < 1:
@@ -279,7 +322,6 @@ def parse(argv):
     if (args.arch or ARCHS[args.benchmark][0]) == "vit_s" and (args.size[0] % 16 or args.size[1] % 16):
         parser.error(f"--size {args.size[0]} {args.size[1]}: the ViT-S/16 of {args.benchmark} takes sizes that are "
                      "multiples of its patch size 16 (or pass --arch resnet50)")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
