@@ -165,6 +165,21 @@ print("triton_bn_forward" in graphs[0], "ts_bn_forward" in graphs[0])
 """
 
 
+def test_import_leaves_dynamo_unloaded_and_marks_the_choice_as_dynamo_does():
+    """``import tsbn_kernels`` does not import torch._dynamo (0.8 s: every DataLoader worker a spawn start method
+    makes imports the dataset's module, and so us), so dispatch marks its constant-result function itself: the
+    mark must be the one torch.compiler.assume_constant_result sets (the compile-first test below compiles with
+    it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tsbn_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    ours, public = dispatch._mark_constant(lambda: 0), torch.compiler.assume_constant_result(lambda: 0)
+    assert vars(ours) == vars(public) and vars(public)
+
+
 @pytest.mark.parametrize("mode", ["plain", "tabled"])
 def test_fullgraph_compile_before_any_eager_call(tmp_path, mode):
     """The backend choice (lazy kernel imports, the environment) is evaluated once at trace time, even when the

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -152,10 +153,25 @@ def _under_torch_func() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def assume_constant_result(fn: Callable) -> Callable:
+    """torch.compiler.assume_constant_result without importing torch._dynamo (0.8 s) into every
+    ``import tsbn_kernels``: the public decorator imports it only to set one attribute on fn. Where dynamo is
+    loaded already the public API marks fn, else _mark_constant does (tests/test_tuning.py checks that both mark
+    a function alike, and compiles a module with fullgraph=True in a process that imported us first)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    return _mark_constant(fn)
+
+
+def _mark_constant(fn: Callable) -> Callable:
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # The choice is plain Python over constants (names, the environment, the registry, a tuning table read from
 # disk), so torch.compile evaluates it once while tracing instead of tracing the lazy kernel-module imports
 # and file reads inside it: a module compiled with fullgraph=True before any eager call would break there.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose(backend: str, device_type: str, op: str, shape_key: tuple | None) -> str:
     available = available_backends(device_type, op)
     if backend == "auto":
