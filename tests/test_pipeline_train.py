@@ -76,6 +76,16 @@ def test_resume_with_only_out_and_epochs_takes_the_runs_own_settings(tmp_path, c
         capsys.readouterr().err
 
 
+def test_resume_adopts_the_runs_settings_but_not_its_pretrained_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"args": {
+        "benchmark": "cityscapes", "data": "/data/cityscapes", "width": 16, "batch": 3, "size": [32, 64],
+        "aggregator": "cagrad", "epochs": 5, "pretrained": "/moved/resnet50.pth"}}))
+    args = train.parse(["cityscapes", "--out", str(tmp_path), "--resume", "--batch", "2"])
+    assert (args.data, args.width, args.size, args.aggregator) == ("/data/cityscapes", 16, [32, 64], "cagrad")
+    assert args.batch == 2 and args.epochs == 1          # given, and free to change
+    assert args.pretrained is None                       # the checkpoint holds the weights
+
+
 def test_resume_after_a_steps_stop_mid_epoch_trains_the_rest_of_that_epoch_bitwise(tmp_path):
     # 4 steps per epoch: the first run stops inside epoch 1, the resumed one crosses into epoch 2 and stops inside.
     assert run("cityscapes", tmp_path / "full", "--epochs", "2", "--steps", "6", "--aggregator", "pcgrad") == 0

@@ -259,7 +259,7 @@ def _adopt_run_settings(args, given: set[str]) -> None:
     if not isinstance(previous, dict):
         return
     for name, value in previous.items():
-        if name in vars(args) and name not in given and name not in RESUME_FREE:
+        if name in vars(args) and name not in given and name not in RESUME_FREE + RESUME_NOT_ADOPTED:
             setattr(args, name, value)
 
 
@@ -354,6 +354,8 @@ def _terminate(signum, frame):
 # Settings that shape the model or the optimizer state: a checkpoint cannot continue under other values.
 RESUME_MUST_MATCH = ("benchmark", "norm", "width", "arch", "size", "dtype", "optimizer")
 RESUME_FREE = ("resume", "epochs", "steps", "out")   # what a resume is expected to change
+# Used at the start only (the checkpoint holds the weights): a resume need not find the file again.
+RESUME_NOT_ADOPTED = ("pretrained",)
 
 
 def check_run_directory(args, out: pathlib.Path, world_size: int = 1) -> None:
@@ -382,7 +384,7 @@ def check_run_directory(args, out: pathlib.Path, world_size: int = 1) -> None:
     changed = [f"{k}: {previous.get(k)!r} -> {v!r}" + (kept if k in SYNTHETIC_SETTINGS and args.data == "synthetic"
                                                         else "")
                for k, v in current.items()
-               if k not in RESUME_FREE and k not in RESUME_MUST_MATCH and previous.get(k) != v]
+               if k not in RESUME_FREE + RESUME_MUST_MATCH + RESUME_NOT_ADOPTED and previous.get(k) != v]
     before = config.get("world_size", 1)
     if before != world_size:   # --batch is per process: the global batch changes with the number of processes
         changed.append(f"processes: {before} -> {world_size} (global batch {before * previous.get('batch', args.batch)}"
